@@ -1,0 +1,556 @@
+"""
+LLaDA: a bidirectional transformer that predicts masked tokens (Nie et al., arXiv 2502.09992).
+
+This file is the whole model, readable top to bottom:
+  1. LLaDAConfig   - the fields of the official config.json that matter (and a check for the ones we don't support)
+  2. RMSNorm, RoPE, Block, LLaDA - the network; module names equal the official safetensors keys exactly
+  3. load_model / save_model - the official checkpoint layout (sharded safetensors + index), one shard at a time
+  4. LoRA          - low-rank adapters (Hu et al. 2021) in a few dozen lines, with an "adapters off" switch
+  5. tiny_tokenizer / tiny_config - a laptop-sized model that runs through the very same code
+
+LLaDA is Llama without the causal mask: every position attends to every other position, and the network is
+trained to predict the original token at every [MASK] position. Generation (sample.py) starts from an all-mask
+canvas and unmasks it over a number of steps.
+
+    python model.py --model tiny            # build the tiny model, print its size and one forward pass
+    python model.py --model /path/to/LLaDA-8B-Instruct --dtype bfloat16 --device cuda
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LLADA_HUB_ID = "GSAI-ML/LLaDA-8B-Instruct"
+LLADA_MASK_ID = 126336  # <|mdm_mask|> in LLaDA's tokenizer; code reads the id from the config, this is only a default
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class LLaDAConfig:
+    # Defaults are LLaDA-8B's (NOT the GPT-2-like defaults of the official configuration_llada.py).
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads means grouped-query attention: each K/V head serves n_heads // n_kv_heads queries
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: int = 126464  # rows of wte / ff_out; may exceed vocab_size (padding for fast matmuls)
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    weight_tying: bool = False  # True: the LM head reuses wte.weight
+    max_sequence_length: int = 4096
+    mask_token_id: int = LLADA_MASK_ID
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    extra: dict = field(default_factory=dict, repr=False)  # other config.json fields, kept so a round trip loses nothing
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    # Settings of the official code we do not implement. (field, value we require)
+    _REQUIRED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "include_bias": False,
+                 "include_qkv_bias": False, "alibi": False, "rope": True, "input_emb_norm": False,
+                 "scale_logits": False, "attention_layer_norm": False, "rope_full_precision": True}
+
+    @classmethod
+    def from_dict(cls, d):
+        for key, want in cls._REQUIRED.items():
+            if key in d and d[key] is not None and d[key] != want:
+                raise ValueError(f"config.json: {key}={d[key]!r} is not supported by this implementation "
+                                 f"(LLaDA-8B uses {key}={want!r})")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: d[k] for k in names if d.get(k) is not None}
+        if d.get("mlp_hidden_size") is None and "mlp_ratio" in d:  # mlp_ratio only counts when mlp_hidden_size is unset
+            kw["mlp_hidden_size"] = d["mlp_ratio"] * d["d_model"]
+        kw.setdefault("embedding_size", kw.get("vocab_size", cls.vocab_size))
+        extra = {k: v for k, v in d.items() if k not in names}
+        cfg = cls(**kw, extra=extra)
+        if cfg.d_model % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError(f"config.json: d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads} "
+                             "must satisfy d_model % n_heads == 0 and n_heads % n_kv_heads == 0")
+        return cfg
+
+    def to_dict(self):
+        # The official field names, so the official modeling code loads our checkpoints.
+        d = {"model_type": "llada", "architectures": ["LLaDAModelLM"],
+             "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                          "AutoModel": "modeling_llada.LLaDAModelLM",
+                          "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+             **{k: v for k, v in self._REQUIRED.items()}, "mlp_ratio": 4, "attention_dropout": 0.0,
+             "residual_dropout": 0.0, "embedding_dropout": 0.0, "layer_norm_with_affine": True,
+             "bias_for_layer_norm": False}
+        d.update(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        return d
+
+
+# -----------------------------------------------------------------------------
+# 2. The network
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight. The normalisation runs in fp32 (bf16 has an 8-bit mantissa, and
+    mean(x^2) over 4096 features loses digits); the result is cast back to the input dtype BEFORE the weight
+    multiply, exactly as the official code does, so bf16 logits match bit for bit."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # (..., D)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """Rotary embedding angles (Su et al. 2021) for integer positions (T,) -> cos, sin of shape (T, head_dim), fp32.
+    inv_freq_i = theta^(-2i/head_dim) for i < head_dim/2; the angles are duplicated as cat(freqs, freqs) because
+    LLaDA uses the rotate-half layout (the head dim is split into two halves, not interleaved pairs)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd) rotated in fp32 (the official rope_full_precision=True) and cast back. rotate_half maps
+    (x1, x2) -> (-x2, x1), so each pair (x[i], x[i + hd/2]) turns by angle pos * inv_freq_i."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Block(nn.Module):
+    """One pre-norm Llama block without a causal mask:
+        h = h + attn_out(Attention(attn_norm(h)))
+        h = h + ff_out(silu(ff_proj(x)) * up_proj(x)),  x = ff_norm(h)
+    Attribute names equal the official keys: blocks.{i}.q_proj.weight, ..., blocks.{i}.ff_out.weight."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, hd = cfg.d_model, cfg.head_dim
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(D, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(D, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(D, cfg.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(cfg.n_heads * hd, D, bias=False)
+        self.ff_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(D, cfg.mlp_hidden_size, bias=False)  # the GATE: SiLU is applied to this one
+        self.up_proj = nn.Linear(D, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, D, bias=False)  # down projection
+
+    def forward(self, h, cos, sin, key_mask, past_kv=None):
+        """h (B, T, D); cos/sin (T, hd) for these T positions; key_mask None or bool (B, 1, 1, S) with S = P + T
+        (True = attend); past_kv None or (k, v) of P earlier positions, already rotated, (B, Hkv, P, hd).
+        Returns h and this call's (k, v) (B, Hkv, T, hd) so a caller can cache them."""
+        B, T, D = h.shape
+        cfg, hd = self.cfg, self.cfg.head_dim
+        x = self.attn_norm(h)
+        q = self.q_proj(x).view(B, T, cfg.n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if past_kv is not None:  # prefix KV cache (sample.py's fast mode): keys/values of frozen earlier positions
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        if cfg.n_kv_heads != cfg.n_heads:  # GQA: K/V head j serves query heads j*g .. j*g+g-1
+            g = cfg.n_heads // cfg.n_kv_heads
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        # is_causal=False is the whole difference from an autoregressive LM: a masked position sees both sides.
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)  # scale 1/sqrt(hd)
+        h = h + self.attn_out(a.transpose(1, 2).reshape(B, T, cfg.n_heads * hd))
+        x = self.ff_norm(h)
+        h = h + self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+        return h, new_kv
+
+
+class LLaDA(nn.Module):
+    """The mask predictor p_theta(x_0 | x_t). state_dict() keys are exactly the official ones
+    (model.transformer.wte.weight, model.transformer.blocks.0.q_proj.weight, ...), so loading is a strict key match."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.embedding_size, cfg.d_model),
+            blocks=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)]),
+            ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+        ))
+        if not cfg.weight_tying:
+            self.model.transformer["ff_out"] = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward: activations O(layers) -> O(1) blocks
+
+    def forward(self, input_ids, attention_mask=None, *, past_kv=None, return_kv=False, logits_slice=None):
+        """input_ids (B, T) -> logits (B, T, V) in the weights' dtype.
+
+        attention_mask: None or (B, P + T) with 1 = real token, 0 = padding. It only hides padded KEYS; the rows of
+            padded queries compute garbage nobody reads. An all-ones mask takes exactly the no-mask path (SDPA then
+            runs its fastest kernel, and results are bit-identical to passing nothing).
+        past_kv: None, or a list with one (k, v) per layer for P positions that precede input_ids (prefix cache,
+            sample.py's fast mode). input_ids then sit at positions P .. P+T-1.
+        return_kv: also return the per-layer (k, v) of these T positions (to build such a cache).
+        logits_slice: a slice of positions that need logits (e.g. only the block being decoded). The LM head is
+            the largest matmul for a 126k vocabulary, so this is the sampler's biggest saving.
+        """
+        B, T = input_ids.shape
+        P = 0 if past_kv is None else past_kv[0][0].shape[2]
+        key_mask = None
+        if attention_mask is not None:
+            assert attention_mask.shape == (B, P + T), f"attention_mask {tuple(attention_mask.shape)} != {(B, P + T)}"
+            if not bool(attention_mask.all()):
+                key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and queries
+        cos, sin = rope_cos_sin(torch.arange(P, P + T, device=input_ids.device), self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.model.transformer.wte(input_ids)  # (B, T, D)
+        kvs = []
+        for i, block in enumerate(self.model.transformer.blocks):
+            past = None if past_kv is None else past_kv[i]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, kv = checkpoint(block, h, cos, sin, key_mask, past, use_reentrant=False)
+            else:
+                h, kv = block(h, cos, sin, key_mask, past)
+            if return_kv:
+                kvs.append(kv)
+        if logits_slice is not None:
+            h = h[:, logits_slice]
+        h = self.model.transformer.ln_f(h)
+        t = self.model.transformer
+        # (B, T', V); no logit scaling in LLaDA. Call the head module (not its weight) so a LoRA wrapper applies.
+        logits = F.linear(h, t.wte.weight) if self.cfg.weight_tying else t.ff_out(h)
+        return (logits, kvs) if return_kv else logits
+
+    @torch.no_grad()
+    def init_weights(self, generator=None, std=0.02):
+        """Random init for tiny models and benchmarks (normal(0, std) for matrices, ones for norms)."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
+        return self
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+# -----------------------------------------------------------------------------
+# 3. The official checkpoint layout: config.json + model-0000i-of-0000N.safetensors + model.safetensors.index.json
+
+
+def resolve_model_dir(name_or_path):
+    """A local directory is used as it is; anything else is a hub id fetched with huggingface_hub (config, weights
+    and tokenizer files only). Without network and without a cached copy we fail at once with a clear message."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise ValueError(f"--model {name_or_path!r} is a file; pass the checkpoint DIRECTORY (config.json + safetensors)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"])
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise RuntimeError(
+            f"Could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}).\n"
+            f"Download it where you have network (huggingface-cli download {name_or_path} --local-dir DIR) and pass "
+            f"the local directory instead: --model DIR") from None
+
+
+def _checkpoint_shards(model_dir):
+    """{shard file: [keys]} from model.safetensors.index.json (never hard-code shard names), or the single file."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, []).append(key)
+        return shards
+    single = os.path.join(model_dir, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{model_dir}: neither model.safetensors.index.json nor model.safetensors found")
+    from safetensors import safe_open
+    with safe_open(single, framework="pt") as f:
+        return {"model.safetensors": list(f.keys())}
+
+
+def load_model(name_or_path, dtype=torch.float32, device="cpu"):
+    """Load an official-format LLaDA checkpoint. The model is built on the meta device (no memory), then each shard
+    is read and its tensors ASSIGNED into the model (cast to `dtype` on `device`) before the next shard is opened,
+    so peak memory is the model plus about one shard. The key check is strict and happens before any weight is
+    read. A directory saved with LoRA adapters (adapter.safetensors) gets them applied."""
+    from safetensors.torch import load_file
+    model_dir = resolve_model_dir(name_or_path)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = LLaDAConfig.from_dict(json.load(f))
+    with torch.device("meta"):
+        model = LLaDA(cfg)
+    shards = _checkpoint_shards(model_dir)
+    expected = set(model.state_dict().keys())
+    found = {k for keys in shards.values() for k in keys}
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise KeyError(f"{model_dir}: checkpoint keys do not match the LLaDA architecture of its config.json.\n"
+                       f"  missing ({len(missing)}): {missing[:10]}\n  unexpected ({len(unexpected)}): {unexpected[:10]}")
+    for shard in sorted(shards):
+        sd = load_file(os.path.join(model_dir, shard), device=str(device))
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=False, assign=True)  # assign: the loaded tensors become the parameters
+        del sd
+    model.eval()
+    if os.path.exists(os.path.join(model_dir, ADAPTER_FILE)):
+        load_lora(model, model_dir)
+    return model.to(device)
+
+
+def _write_safetensors(state_dict, out_dir, max_shard_bytes):
+    from safetensors.torch import save_file
+    shards, current, size = [], {}, 0
+    for k, v in state_dict.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v.detach().contiguous().cpu()
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def save_model(model, out_dir, tokenizer=None, max_shard_bytes=5 * 2**30, merge=True):
+    """Write the official layout into out_dir (which should be a fresh temporary directory; common.py's atomic
+    checkpoint renames it into place). With LoRA, merge=True exports W + (alpha/r) B A under the official keys
+    (loadable by the official code); merge=False keeps base weights and writes the adapter alongside."""
+    os.makedirs(out_dir, exist_ok=True)
+    if has_lora(model) and merge:
+        sd = merged_state_dict(model)
+    else:
+        sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+        if has_lora(model):
+            save_lora(model, out_dir)
+    _write_safetensors(sd, out_dir, max_shard_bytes)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(model.cfg.to_dict(), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+# -----------------------------------------------------------------------------
+# 4. LoRA: W x + (alpha / r) * B (A dropout(x)), with B = 0 at the start so the adapted model equals the base one.
+
+# d1's RL targets. Matched by attribute name, as PEFT matches by suffix: the untied LM head is also called
+# `ff_out` (model.transformer.ff_out), so d1's list adapts the head too, and so do we.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+ADAPTER_FILE = "adapter.safetensors"
+
+
+class LoRALinear(nn.Module):
+    """Replaces an nn.Linear in place. It keeps the base Parameter under the same name (`weight`), so the
+    state_dict key of the base weight does not change; the adapters add `lora_A` (r, in) and `lora_B` (out, r).
+    The adapters are kept in fp32 (a 3e-6 learning rate would vanish in bf16's 8-bit mantissa) and cast to the
+    activation dtype for the matmul; gradients flow back through the cast into the fp32 master copy."""
+
+    def __init__(self, base, r, alpha, dropout, generator=None):
+        super().__init__()
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.r, self.scale, self.dropout = r, alpha / r, dropout
+        self.enabled = True
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
+        bound = 1.0 / math.sqrt(base.in_features)  # kaiming-uniform(a=sqrt(5)) bound, as for nn.Linear
+        with torch.no_grad():
+            self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if not self.enabled:
+            return y
+        x = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        return y + self.scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+    def merged_weight(self):
+        return (self.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.weight.dtype)
+
+
+def apply_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, generator=None):
+    """Wrap every nn.Linear whose attribute name is in `targets`; freeze everything else. Returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator))
+    if not has_lora(model):
+        raise ValueError(f"apply_lora: no nn.Linear named any of {targets}")
+    return model
+
+
+def has_lora(model):
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Inside this block the model is the base model: this is how diffu-GRPO gets the reference policy's
+    log-probs without a second copy of 8B weights."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+def merged_state_dict(model):
+    """Official-key state dict with every adapter folded into its base weight."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[name + ".weight"] = m.merged_weight().detach()
+    return sd
+
+
+def merge_lora(model):
+    """Fold the adapters into the weights and put plain nn.Linear modules back (for export or faster inference)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                lin = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False,
+                                device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(child.merged_weight())
+                setattr(parent, name, lin)
+    return model
+
+
+def lora_state_dict(model):
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def save_lora(model, out_dir):
+    """The adapter alone (a few MB-GB instead of 16 GB), with its r/alpha in the file's metadata."""
+    from safetensors.torch import save_file
+    m = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    targets = sorted({n.split(".")[-1] for n, mod in model.named_modules() if isinstance(mod, LoRALinear)})
+    meta = {"r": str(m.r), "alpha": str(m.scale * m.r), "targets": ",".join(targets)}
+    sd = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(sd, os.path.join(out_dir, ADAPTER_FILE), metadata=meta)
+
+
+def load_lora(model, path):
+    """Load an adapter saved by save_lora (a directory or the file); wraps the model first if it has no adapters."""
+    from safetensors import safe_open
+    f = path if path.endswith(".safetensors") else os.path.join(path, ADAPTER_FILE)
+    with safe_open(f, framework="pt") as fh:
+        meta = fh.metadata()
+        sd = {k: fh.get_tensor(k) for k in fh.keys()}
+    if not has_lora(model):
+        apply_lora(model, int(meta["r"]), float(meta["alpha"]), targets=tuple(meta["targets"].split(",")))
+    missing = set(lora_state_dict(model)) - set(sd)
+    if missing or set(sd) - set(lora_state_dict(model)):
+        raise KeyError(f"{f}: adapter keys do not match the model (missing e.g. {sorted(missing)[:3]})")
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 5. The tiny model: a character-level tokenizer with LLaDA's special tokens and chat template, and a small config.
+
+SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>"]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                 "{{ m['content'] | trim }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n{{ '' }}")
+# (the final {{ '' }} stops Jinja from dropping the template's trailing newline)
+
+
+def tiny_tokenizer():
+    """A transformers fast tokenizer built in-process with the `tokenizers` library: one token per printable ASCII
+    character (plus newline and tab), and LLaDA's special tokens matched whole. Same roles as LLaDA's: BOS comes
+    from the chat template, <|endoftext|> is both EOS and PAD, <|mdm_mask|> is the mask."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + ["<unk>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    tok.decoder = decoders.Fuse()  # concatenate, no spaces in between
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                pad_token="<|endoftext|>", mask_token="<|mdm_mask|>", unk_token="<unk>")
+    t.chat_template = CHAT_TEMPLATE
+    t.padding_side = "left"
+    return t
+
+
+def tiny_config(tokenizer=None, **overrides):
+    """A few layers, small width; vocabulary = the tiny tokenizer's. GQA on (4 query heads share 2 K/V heads) so
+    that path is exercised everywhere."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    kw = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden_size=384, vocab_size=len(tokenizer),
+              embedding_size=128, rope_theta=10000.0, max_sequence_length=1024,
+              mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)
+    kw.update(overrides)
+    assert kw["embedding_size"] >= kw["vocab_size"]
+    return LLaDAConfig(**kw)
+
+
+def load_tokenizer(name_or_path):
+    if name_or_path == "tiny":
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path))
+    tok.padding_side = "left"  # prompts are left-padded so every completion starts at the same column
+    return tok
+
+
+def build(name_or_path, dtype=torch.float32, device="cpu", seed=0):
+    """(model, tokenizer) for `--model tiny|PATH|HUB_ID`. 'tiny' is randomly initialised from `seed`."""
+    if name_or_path == "tiny":
+        tok = tiny_tokenizer()
+        model = LLaDA(tiny_config(tok)).init_weights(torch.Generator().manual_seed(seed))
+        return model.to(device=device, dtype=dtype).eval(), tok
+    return load_model(name_or_path, dtype, device), load_tokenizer(name_or_path)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Build or load a LLaDA model and run one forward pass.")
+    ap.add_argument("--model", default="tiny", help="'tiny' (random, CPU-sized), a local checkpoint directory, "
+                                                    f"or a hub id such as {LLADA_HUB_ID}")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    args = ap.parse_args()
+    model, tok = build(args.model, getattr(torch, args.dtype), args.device)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=args.device)
+    logits = model(ids)
+    print(f"{args.model}: {model.num_params():,} parameters | config {model.cfg}")
+    print(f"prompt {text!r} -> {ids.shape[1]} tokens -> logits {tuple(logits.shape)} {logits.dtype}")

@@ -1,0 +1,200 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from conftest import OFFICIAL_TINY_CONFIG, write_official_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_official_sharded_checkpoint_loads_every_tensor(tmp_path):
+    tensors = write_official_checkpoint(tmp_path / "ckpt", n_shards=3)
+    model = M.load_model(str(tmp_path / "ckpt"), dtype=torch.bfloat16)
+    sd = model.state_dict()
+    assert set(sd) == set(tensors)
+    for k, t in tensors.items():
+        assert torch.equal(sd[k], t), k
+    assert model.cfg.d_model == 64 and model.cfg.mask_token_id == 2 and model.cfg.embedding_size == 112
+
+
+def test_missing_or_unexpected_key_is_named_in_the_error(tmp_path):
+    write_official_checkpoint(tmp_path / "a", drop="model.transformer.blocks.1.up_proj.weight")
+    with pytest.raises(KeyError, match=r"missing \(1\).*blocks\.1\.up_proj\.weight"):
+        M.load_model(str(tmp_path / "a"))
+    write_official_checkpoint(tmp_path / "b", add="model.transformer.rotary.inv_freq")
+    with pytest.raises(KeyError, match=r"unexpected \(1\).*rotary\.inv_freq"):
+        M.load_model(str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("field,value", [("block_type", "sequential"), ("activation_type", "gelu"),
+                                         ("include_bias", True), ("alibi", True)])
+def test_unsupported_config_fields_are_rejected_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        M.LLaDAConfig.from_dict({**OFFICIAL_TINY_CONFIG, field: value})
+
+
+def test_config_round_trips_through_official_field_names():
+    cfg = M.LLaDAConfig.from_dict(OFFICIAL_TINY_CONFIG)
+    d = cfg.to_dict()
+    for k, v in OFFICIAL_TINY_CONFIG.items():
+        assert d[k] == v, k
+    assert M.LLaDAConfig.from_dict(d) == cfg
+
+
+def test_unreachable_hub_id_fails_with_a_message_naming_it_and_the_local_path_flag(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"(?s)'someone/not-cached-model'.*--model DIR"):
+        M.load_model("someone/not-cached-model")
+
+
+def test_attention_is_bidirectional(tiny):
+    ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(1))
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % 100
+    assert not torch.allclose(tiny(ids)[0, 0], tiny(other)[0, 0])
+
+
+def test_left_padded_rows_match_their_unpadded_logits_and_all_ones_mask_is_the_no_mask_path(tiny):
+    g = torch.Generator().manual_seed(2)
+    lens = [12, 7, 3]
+    T = max(lens)
+    rows = [torch.randint(3, 100, (n,), generator=g) for n in lens]
+    ids = torch.full((3, T), 1)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    batched = tiny(ids, attention_mask=mask)
+    for i, r in enumerate(rows):
+        alone = tiny(r[None])
+        torch.testing.assert_close(batched[i, T - len(r):], alone[0], atol=1e-5, rtol=0)
+    full = torch.ones_like(mask)
+    assert torch.equal(tiny(ids, attention_mask=full), tiny(ids))
+
+
+def test_rmsnorm_matches_the_formula():
+    norm = M.RMSNorm(8, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(8.0))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    want = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * torch.arange(8.0)
+    torch.testing.assert_close(norm(x), want)
+
+
+def test_rope_rotates_each_half_pair_by_position_times_frequency():
+    hd, theta, T = 8, 10000.0, 5
+    x = torch.randn(1, 1, T, hd, generator=torch.Generator().manual_seed(0))
+    cos, sin = M.rope_cos_sin(torch.arange(T), hd, theta)
+    got = M.apply_rope(x, cos, sin)
+    want = torch.empty_like(x)
+    for t in range(T):
+        for i in range(hd // 2):  # pair (i, i + hd/2) is a complex number rotated by angle t * theta^(-2i/hd)
+            ang = t * theta ** (-2 * i / hd)
+            z = complex(x[0, 0, t, i], x[0, 0, t, i + hd // 2]) * complex(torch.cos(torch.tensor(ang)),
+                                                                         torch.sin(torch.tensor(ang)))
+            want[0, 0, t, i], want[0, 0, t, i + hd // 2] = z.real, z.imag
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_forward_gives_bf16_logits(tiny):
+    m = tiny.to(torch.bfloat16)
+    out = m(torch.arange(10)[None])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    tiny.train()
+    grads = []
+    for ckpt in (False, True):
+        tiny.zero_grad()
+        tiny.gradient_checkpointing = ckpt
+        tiny(ids).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in tiny.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_fresh_unchanged_off_switch_is_exact_and_merge_reproduces_adapted(tiny):
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(4))
+    base = tiny(ids).detach()
+    M.apply_lora(tiny, r=4, alpha=8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny(ids), base)  # B = 0
+    trainable = [p for p in tiny.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    # A and B for each of d1's 7 targets in every block, plus the LM head (also named ff_out, as in PEFT)
+    assert len(trainable) == 2 * (7 * tiny.cfg.n_layers + 1)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    tiny(ids).logsumexp(-1).mean().backward()
+    opt.step()
+    adapted = tiny(ids).detach()
+    assert not torch.allclose(adapted, base)
+    with M.lora_disabled(tiny):
+        assert torch.equal(tiny(ids), base)
+    assert torch.equal(tiny(ids), adapted)  # switched back on
+    M.merge_lora(tiny)
+    assert not M.has_lora(tiny)
+    torch.testing.assert_close(tiny(ids), adapted, atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip_plain_lora_merged_and_adapter_alone(tiny, tok, tmp_path):
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(5))
+    M.save_model(tiny, str(tmp_path / "plain"), tok, max_shard_bytes=600_000)  # forces several shards
+    assert (tmp_path / "plain" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "plain" / "tokenizer.json").exists()
+    assert torch.equal(M.load_model(str(tmp_path / "plain"))(ids), tiny(ids))
+    M.apply_lora(tiny, r=4, alpha=8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n, p in tiny.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    adapted = tiny(ids)
+    M.save_model(tiny, str(tmp_path / "merged"), tok)  # merged: official keys only
+    loaded = M.load_model(str(tmp_path / "merged"))
+    assert not M.has_lora(loaded)
+    torch.testing.assert_close(loaded(ids), adapted, atol=1e-5, rtol=0)
+    M.save_model(tiny, str(tmp_path / "adapter"), tok, merge=False)  # base weights + adapter.safetensors
+    loaded = M.load_model(str(tmp_path / "adapter"))
+    assert M.has_lora(loaded) and torch.equal(loaded(ids), adapted)
+    reloaded_tok = M.load_tokenizer(str(tmp_path / "plain"))
+    text = "<|startoftext|>hi 12<|endoftext|>"
+    assert reloaded_tok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_tiny_tokenizer_has_llada_roles_and_chat_template(tok):
+    text = tok.apply_chat_template([{"role": "user", "content": "  2+2?  "}], tokenize=False)
+    assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.eos_token_id == tok.pad_token_id and tok.mask_token_id not in (tok.eos_token_id, None)
+    assert tok.convert_ids_to_tokens(tok.mask_token_id) == "<|mdm_mask|>"
+
+
+def test_loader_peak_memory_is_the_model_plus_about_one_shard(tmp_path):
+    """Load an 8-shard fp32 checkpoint in a fresh process and read the kernel's peak-RSS counter (VmHWM, reset
+    just before the load). Reading all shards at once would cost about twice the model."""
+    cfg = {**OFFICIAL_TINY_CONFIG, "d_model": 512, "n_layers": 8, "mlp_hidden_size": 1536, "n_heads": 8,
+           "n_kv_heads": 8}
+    write_official_checkpoint(tmp_path / "big", cfg, n_shards=8, dtype=torch.float32)
+    script = textwrap.dedent(f"""
+        import json, sys, torch; sys.path.insert(0, {ROOT!r}); import model as M
+        def kb(field):
+            return int([l for l in open('/proc/self/status') if l.startswith(field)][0].split()[1])
+        open('/proc/self/clear_refs', 'w').write('5')  # reset VmHWM to the current RSS
+        before = kb('VmRSS')
+        m = M.load_model({str(tmp_path / 'big')!r})
+        print(json.dumps(dict(before=before, peak=kb('VmHWM'), model_kb=sum(p.numel() * 4 for p in m.parameters()) // 1024)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    shard_kb = r["model_kb"] / 8
+    extra = r["peak"] - r["before"] - r["model_kb"]
+    assert extra < 3 * shard_kb + 20_000, r  # the model, plus at most ~ one shard read + its mmap, plus slack
