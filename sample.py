@@ -1,0 +1,276 @@
+"""
+The masked diffusion sampler of LLaDA (Nie et al., arXiv 2502.09992, Sec. 2.4 and App. B), batched, padding-correct,
+and with an opt-in fast mode (Fast-dLLM, arXiv 2505.22618).
+
+Generation is the reverse of the forward masking process. The canvas starts as
+    x_1 = [prompt ; MASK * gen_length]
+and is unmasked over `steps` denoising steps. At each step the mask predictor sees the whole canvas
+(bidirectionally) and proposes a token for every masked position, x0_hat = argmax p_theta(x_0 | x_t); the sampler
+then COMMITS the k most confident proposals and leaves the rest masked ("low-confidence remasking"). Committed tokens
+never change. The canvas is decoded in blocks of `block_length`, left to right ("semi-autoregressive"); later blocks
+stay masked (and visible) until their turn.
+
+This is the hot loop of the whole project (RL rollouts and evaluation are nearly all sampling), so the exact mode does
+only the work the semantics need:
+  - Only the current block's positions can be committed, so only they get logits: the LM head (126k x 4096 for
+    LLaDA-8B) runs on block_length rows instead of the whole canvas, and so do softmax and Gumbel noise.
+  - The number of tokens committed per step is known in advance (all rows start each block fully masked), so the
+    top-k is one batched torch.topk with a Python int: no per-row loop, no host syncs in the loop.
+Fast mode (off by default) changes the outputs: it commits every proposal above a confidence threshold, and/or
+reuses the keys/values of everything before the current block (prefix KV cache).
+
+    python sample.py --model tiny --prompt "What is 2+2?" --prompt "Name a colour."
+    python sample.py --model GSAI-ML/LLaDA-8B-Instruct --prompt "..." --gen-length 256 --steps 128 --device cuda
+"""
+
+import argparse
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Generation:
+    sequences: torch.Tensor  # (B, P + L) the final canvas, prompt included (left padding kept)
+    completion: torch.Tensor  # (B, L) the generated part
+    forward_passes: int  # model calls (a CFG call runs 2B rows but counts once)
+    query_tokens: int  # positions run through the transformer, summed over calls and rows
+
+
+def transfer_schedule(num_masked, steps):
+    """How many tokens to commit at each of `steps` steps so that `num_masked` are committed in total, as evenly as
+    possible, earlier steps taking the remainder. This is LLaDA's linear schedule: the expected fraction of masked
+    tokens falls linearly in t (App. B, Eq. 8 discretised). 32 over 10 steps -> [4, 4, 3, 3, 3, 3, 3, 3, 3, 3]."""
+    base, extra = divmod(num_masked, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def propose(logits, temperature, remasking, generator):
+    """logits (B, L, V) -> proposals x0 (B, L) and their confidences (B, L), fp32.
+
+    temperature 0: x0 = argmax logits. Otherwise Gumbel-max in float64, exactly the reference formula
+        x0 = argmax exp(l) / (-log u)^T,  u ~ U(0, 1)   (the same as sampling from softmax(l / T))
+    float64 because exp(l) over a 126k vocabulary and (-log u)^T for u near 1 underflow in lower precision.
+    Confidence for 'low_confidence' remasking is the UN-noised softmax probability of the proposed token,
+    p(x0) = exp(l[x0] - logsumexp(l)), computed in fp32 without materialising the softmax; 'random' remasking
+    uses uniform random confidences instead."""
+    if temperature > 0:
+        l64 = logits.double()
+        u = torch.rand(l64.shape, generator=generator, device=l64.device, dtype=torch.float64)
+        x0 = (l64.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+        del l64, u
+    else:
+        x0 = logits.argmax(-1)
+    if remasking == "low_confidence":
+        lf = logits.float()
+        conf = (lf.gather(-1, x0[..., None]).squeeze(-1) - lf.logsumexp(-1)).exp()
+    else:  # random
+        conf = torch.rand(x0.shape, generator=generator, device=x0.device)
+    return x0, conf
+
+
+def check_args(prompt_len, gen_length, block_length, steps, temperature, cfg_scale, remasking, mask_id, pad_id,
+               max_len, threshold):
+    """The impossible settings, each with a message that says what to change."""
+    if gen_length <= 0 or block_length <= 0 or steps <= 0:
+        raise ValueError(f"gen_length ({gen_length}), block_length ({block_length}) and steps ({steps}) must be > 0")
+    if gen_length % block_length:
+        raise ValueError(f"--gen-length {gen_length} is not a multiple of --block-length {block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"--steps {steps} is not divisible by the number of blocks {num_blocks} "
+                         f"(gen_length {gen_length} / block_length {block_length}); try --steps "
+                         f"{max(num_blocks, steps // num_blocks * num_blocks)}")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"--remasking {remasking!r}: choose 'low_confidence' or 'random'")
+    if temperature < 0 or cfg_scale < 0:
+        raise ValueError(f"temperature ({temperature}) and cfg_scale ({cfg_scale}) must be >= 0")
+    if mask_id == pad_id:
+        raise ValueError(f"mask id {mask_id} equals the pad id: padded prompt positions would look like masks")
+    if max_len is not None and prompt_len + gen_length > max_len:
+        raise ValueError(f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) = {prompt_len + gen_length} "
+                         f"exceeds the model's max_sequence_length {max_len}; shorten the prompt or gen_length")
+    if threshold is not None and remasking != "low_confidence":
+        raise ValueError("threshold decoding needs remasking='low_confidence' (it thresholds the model's confidence)")
+    if threshold is None and steps > gen_length:
+        warnings.warn(f"steps ({steps}) > gen_length ({gen_length}): some steps commit no token and only waste "
+                      "forward passes")
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_length=32, steps=64, temperature=0.0,
+             cfg_scale=0.0, remasking="low_confidence", mask_id=None, pad_id=None, generator=None,
+             threshold=None, prefix_cache=False):
+    """Sample completions for a batch of LEFT-padded prompts.
+
+    prompt_ids (B, P) long; attention_mask (B, P) with 0 on left padding (None = no padding). The mask is extended
+    with ones over the generated canvas, so padded positions are never attended and a row's output does not depend
+    on what else is in the batch. mask_id / pad_id default to the model config's. All randomness (Gumbel noise,
+    random remasking) comes from `generator` (default: a fresh one seeded with 0, so calls are reproducible).
+
+    Exact mode (threshold=None, prefix_cache=False) follows LLaDA's reference sampler step for step.
+    threshold=tau: inside the current block commit every masked proposal with confidence >= tau, and at least the
+        most confident one per row, until the block is full (`steps` is then unused).
+    prefix_cache=True: one full forward at the start of each block; its keys/values for the positions before the
+        block are reused while the block is decoded, so later steps only run [block ; rest of canvas] as queries.
+    """
+    cfg = model.cfg
+    mask_id = cfg.mask_token_id if mask_id is None else mask_id
+    pad_id = cfg.pad_token_id if pad_id is None else pad_id
+    B, P = prompt_ids.shape
+    check_args(P, gen_length, block_length, steps, temperature, cfg_scale, remasking, mask_id, pad_id,
+               cfg.max_sequence_length, threshold)
+    device = prompt_ids.device
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+
+    # The canvas x_1 = [prompt ; all masks]. (B, P + L)
+    x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: take the no-mask path once here, not a check in every forward
+    attn = None if attention_mask is None else torch.cat(
+        [attention_mask.to(torch.long), attention_mask.new_ones((B, gen_length), dtype=torch.long)], dim=1)
+    if cfg_scale > 0:  # classifier-free guidance runs cond and uncond rows in one batched call
+        attn = None if attn is None else torch.cat([attn, attn])
+    passes, query_tokens = 0, 0
+
+    def logits_of(x, s, e, cache=None, want_kv=False):
+        """Logits for canvas positions [s, e) (B, e - s, V), with CFG folded in:
+        l = l_uncond + (w + 1)(l_cond - l_uncond), where the uncond canvas has the whole prompt masked."""
+        nonlocal passes, query_tokens
+        inp = x
+        if cfg_scale > 0:
+            un = x.clone()
+            un[:, :P] = mask_id
+            inp = torch.cat([x, un])
+        start = 0 if cache is None else s  # with a prefix cache only [s, end) is run as queries
+        out = model(inp[:, start:], attn, past_kv=cache, return_kv=want_kv, logits_slice=slice(s - start, e - start))
+        logits, kv = out if want_kv else (out, None)
+        passes += 1
+        query_tokens += inp.shape[0] * (inp.shape[1] - start)
+        if cfg_scale > 0:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (cfg_scale + 1) * (cond - uncond)
+        return logits, kv
+
+    for b in range(num_blocks):
+        s, e = P + b * block_length, P + (b + 1) * block_length
+        block = x[:, s:e]  # a view: writing into it writes the canvas
+        cache = None
+        # Every row starts the block with all block_length positions masked, so the schedule is the same for all rows
+        # and known on the host (the reference recomputes it per row from the mask count; the result is identical).
+        schedule = transfer_schedule(block_length, steps_per_block) if threshold is None else None
+        step = 0
+        while True:
+            if threshold is None and step == steps_per_block:
+                break
+            if prefix_cache and step > 0:
+                logits, _ = logits_of(x, s, e, cache=cache)
+            else:
+                logits, kv = logits_of(x, s, e, want_kv=prefix_cache)
+                if prefix_cache:  # freeze keys/values of everything before the block: (B, Hkv, s, hd) per layer
+                    cache = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
+                    del kv
+            x0, conf = propose(logits, temperature, remasking, generator)  # (B, Lb) each
+            masked = block == mask_id  # (B, Lb)
+            conf = torch.where(masked, conf, -math.inf)  # committed positions can never be chosen again
+            if threshold is None:
+                k = schedule[step]
+                if k > 0:
+                    # Commit the k most confident masked proposals of every row (k <= masked count by construction).
+                    idx = conf.topk(k, dim=-1).indices  # (B, k)
+                    block.scatter_(1, idx, x0.gather(1, idx))
+            else:
+                commit = masked & (conf >= threshold)
+                best = conf.argmax(-1, keepdim=True)  # at least one token per row per step (if any is left)
+                commit.scatter_(1, best, masked.gather(1, best))
+                block.copy_(torch.where(commit, x0, block))
+                if not bool((block == mask_id).any()):
+                    break
+            step += 1
+    return Generation(x, x[:, P:], passes, query_tokens)
+
+
+def completion_mask(completion, eos_id):
+    """(B, L) -> (B, L) bool: tokens up to and including the first EOS (everything if there is none). The model
+    fills the rest of its canvas with EOS; those are padding for scoring, RL losses and length statistics."""
+    is_eos = completion == eos_id
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), completion.shape[1])  # (B,)
+    return torch.arange(completion.shape[1], device=completion.device)[None, :] <= first[:, None]
+
+
+def decode_completions(tokenizer, completion, eos_id):
+    """Completion ids (B, L) -> text up to the first EOS, special tokens removed."""
+    keep = completion_mask(completion, eos_id)
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(completion, keep)]
+
+
+def encode_prompts(tokenizer, texts, device="cpu", prefill=""):
+    """Chat-template each user text (LLaDA's template always ends with the assistant header), optionally append a
+    prefill (d1's evaluation starts the answer with '<reasoning>'), and left-pad into (ids, attention_mask)."""
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) + prefill
+                if isinstance(t, str) else tokenizer.apply_chat_template(t, tokenize=False) + prefill for t in texts]
+    return pad_left([tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered], tokenizer.pad_token_id,
+                    device)
+
+
+def pad_left(rows, pad_id, device="cpu"):
+    """List of id lists -> (ids (B, P), attention_mask (B, P)) left-padded, so every completion starts at column P."""
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, P - len(r):] = torch.tensor(r)
+            mask[i, P - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def add_sampling_args(ap, gen_length=128, block_length=32, steps=64, temperature=0.0):
+    """The sampler's flags, shared by sample.py, eval.py and diffu_grpo.py."""
+    ap.add_argument("--gen-length", type=int, default=gen_length, help="tokens to generate (the canvas length)")
+    ap.add_argument("--block-length", type=int, default=block_length, help="semi-autoregressive block size (tokens)")
+    ap.add_argument("--steps", type=int, default=steps, help="denoising steps in total (split evenly over blocks)")
+    ap.add_argument("--temperature", type=float, default=temperature, help="0 = greedy; >0 = float64 Gumbel-max")
+    ap.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight (0 = off)")
+    ap.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
+                    help="which proposals to commit: the most confident, or random ones")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="fast mode: commit every proposal with confidence >= this (e.g. 0.9); default off (exact)")
+    ap.add_argument("--prefix-cache", action="store_true", help="fast mode: reuse K/V of positions before the block")
+
+
+def sampling_kwargs(args):
+    return dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+                temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                threshold=args.threshold, prefix_cache=args.prefix_cache)
+
+
+if __name__ == "__main__":
+    import time
+
+    from common import add_model_args, setup_model
+
+    ap = argparse.ArgumentParser(description="Generate with LLaDA's masked diffusion sampler.")
+    add_model_args(ap)
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="user message (repeat the flag for several prompts; they are batched together)")
+    add_sampling_args(ap)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    args = ap.parse_args()
+    model, tok, device = setup_model(args)
+    prompts = args.prompt or ["What is 2+2?", "Write the digits 1 to 4."]
+    ids, mask = encode_prompts(tok, prompts, device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = generate(model, ids, mask, generator=g, **sampling_kwargs(args))
+    dt = time.perf_counter() - t0
+    for p, text in zip(prompts, decode_completions(tok, out.completion, model.cfg.eos_token_id)):
+        print(f"### {p}\n{text}\n")
+    print(f"{ids.shape[0]} x {args.gen_length} tokens in {dt:.2f}s ({ids.shape[0] * args.gen_length / dt:.1f} tok/s) | "
+          f"{out.forward_passes} forward passes | {out.query_tokens} query tokens")
