@@ -1,0 +1,181 @@
+"""
+The task registry every script uses: `--task gsm8k|math|countdown|sudoku` (and `s1k` for SFT).
+
+load_task(name, split) returns a datasets.Dataset whose rows have
+    prompt   - a chat message list [{"role": "user", "content": ...}] with d1's exact prompt text
+    + the columns the task's reward and scoring need: answer (gsm8k, math); nums, target (countdown);
+      puzzle, solution (sudoku); and `completion` (target text for SFT) where the source has one.
+
+Sources: the hub ids d1 uses, a local file or directory (`--data-path`), or, for Sudoku and Countdown, this
+project's generators (no download at all). Two prompt styles: "d1" (the published text, the default) and
+"compact" (no system prompt, a minimal instruction and a short answer format: a character-level tiny model cannot
+afford d1's ~700-character Sudoku prompt on a CPU).
+"""
+
+import os
+
+from . import countdown as countdown_gen
+from . import sudoku as sudoku_gen
+
+# ----------------------------------------------------------------------------- d1's prompts, verbatim
+SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+SUDOKU_SYSTEM_PROMPT = (
+    "\nPlease solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading "
+    "left-to-right, top-to-bottom, where '0' represents empty cells.\n\nRules:\n- Fill empty cells with digits 1-4\n"
+    "- Each row must contain digits 1-4 exactly once\n- Each column must contain digits 1-4 exactly once\n"
+    "- Each 2x2 box must contain digits 1-4 exactly once\n\nImportant: Your solution must be a COMPLETE "
+    "16-character string with only the digits 1-4, representing your final solved grid.\n\nRespond in this exact "
+    "format:\n<reasoning>\nYour step-by-step solving process\n</reasoning>\n<answer>\n[16-character solution string "
+    "with no spaces or separators]\n</answer>\n")
+COUNTDOWN_INSTRUCTION = (
+    "\nUsing only the numbers {nums}, create an arithmetic expression that evaluates to exactly {target}. You must use "
+    "all numbers from the list, and each number must be used exactly once. You may use the operations +, -, *, and / "
+    "as needed. After reasoning, provide only your final expression inside <answer></answer> tags without including "
+    "an equals sign or the target number. For example, if the numbers are [2, 3, 4] and the target is 5, a valid "
+    "answer is: <answer>\n2*4-3\n</answer>")
+MATH_INSTRUCTION = ("You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the "
+                    "final answer in a \\boxed{}. ")
+EVAL_MATH_PROMPT = (MATH_INSTRUCTION + "\nRespond in the following format:\n<reasoning>\nYour reasoning here\n"
+                    "</reasoning>\n<answer>\n\\boxed{...}\n</answer>")
+EVAL_PREFILL = "<reasoning>"  # d1's evaluation appends this after the assistant header, for every task
+
+HUB = {"gsm8k": ("openai/gsm8k", "main"), "math_train": ("ankner/math-500", None),
+       "math_test": ("HuggingFaceH4/MATH-500", None), "countdown": ("Jiayi-Pan/Countdown-Tasks-3to4", None),
+       "s1k": ("simplescaling/s1K", None)}
+TASKS = ("gsm8k", "math", "countdown", "sudoku", "s1k")
+EVAL_SIZE = {"countdown": 256, "sudoku": 256}  # d1 evaluates 256 items of each; GSM8K and MATH500 in full
+
+
+def user(content):
+    return [{"role": "user", "content": content}]
+
+
+# ----------------------------------------------------------------------------- prompt builders (row -> row)
+
+
+def gsm8k_row(r, style, purpose):
+    answer = str(r["answer"]).split("####")[-1].strip().replace(",", "")
+    if style == "compact":
+        prompt = user(r["question"] + "\nGive the number as <answer>N</answer>.")
+    elif purpose == "eval":
+        prompt = user(EVAL_MATH_PROMPT + "\n\n" + r["question"])
+    else:
+        prompt = user(SYSTEM_PROMPT + "\n\n" + r["question"])
+    return {"prompt": prompt, "question": r["question"], "answer": answer}
+
+
+def math_row(r, style, purpose):
+    from rewards import last_boxed
+    answer = r.get("answer") or last_boxed(r.get("solution", "")) or ""
+    problem = r["problem"]
+    if style == "compact":
+        prompt = user(problem + "\nPut the answer in \\boxed{}.")
+    elif purpose == "eval":
+        prompt = user(EVAL_MATH_PROMPT + "\n\n" + problem)
+    else:
+        prompt = user(SYSTEM_PROMPT + "\n\n" + MATH_INSTRUCTION + "\n\n" + problem)
+    return {"prompt": prompt, "question": problem, "answer": answer}
+
+
+def countdown_row(r, style, purpose):
+    nums, target = [int(n) for n in r["nums"]], int(r["target"])
+    if style == "compact":
+        prompt = user(f"{' '.join(map(str, nums))} -> {target}")
+    elif purpose == "eval":  # the question d1's evaluation asks, under the same instruction as training
+        prompt = user(SYSTEM_PROMPT + COUNTDOWN_INSTRUCTION.format(nums=nums, target=target)
+                      + f"\n\nNumbers: {nums}\nTarget: {target}")
+    else:
+        prompt = user(SYSTEM_PROMPT + COUNTDOWN_INSTRUCTION.format(nums=nums, target=target))
+    out = {"prompt": prompt, "question": f"Numbers: {nums}\nTarget: {target}", "nums": nums, "target": target}
+    if r.get("solution"):
+        out["completion"] = _completion(r["solution"], style)
+    return out
+
+
+def sudoku_row(r, style, purpose):
+    if style == "compact":
+        prompt = user(f"sudoku {r['puzzle']}")
+    else:
+        prompt = user(SUDOKU_SYSTEM_PROMPT + f"\n\nSolve the following Sudoku puzzle: {r['puzzle']}\n")
+    return {"prompt": prompt, "question": r["puzzle"], "puzzle": r["puzzle"], "solution": r["solution"],
+            "completion": _completion(r["solution"], style)}
+
+
+def s1k_row(r, style, purpose):
+    traj = r["thinking_trajectories"]
+    traj = traj[0] if isinstance(traj, (list, tuple)) else traj
+    return {"prompt": user(SYSTEM_PROMPT + "\n\n" + r["question"]), "question": r["question"],
+            "completion": f"<reasoning>{traj}</reasoning>\n<answer>{r['attempt']}</answer>"}
+
+
+def _completion(answer, style):
+    """SFT target text for generated tasks (no reasoning trace exists for them)."""
+    return f"<answer>{answer}</answer>" if style == "compact" else f"<reasoning>\n</reasoning>\n<answer>\n{answer}\n</answer>"
+
+
+ROW = {"gsm8k": gsm8k_row, "math": math_row, "countdown": countdown_row, "sudoku": sudoku_row, "s1k": s1k_row}
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _hub(key, split):
+    import datasets
+    hub_id, config = HUB[key]
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except Exception as e:
+        raise RuntimeError(
+            f"Could not load dataset {hub_id!r} (split {split!r}) from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:160]}).\nDownload it where you have network and pass the local copy: "
+            f"--data-path FILE_OR_DIR (a .jsonl/.json/.csv/.parquet file or a dataset directory)") from None
+
+
+def _local(path, split):
+    import datasets
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
+            return datasets.load_from_disk(path)
+        return datasets.load_dataset(path, split=split)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--data-path {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lstrip(".")
+    kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+    if kind is None:
+        raise ValueError(f"--data-path {path!r}: use a .jsonl, .json, .csv or .parquet file")
+    return datasets.load_dataset(kind, data_files=path, split="train")
+
+
+def load_task(name, split="train", data_path=None, style="d1", n=None, seed=0, purpose=None, **gen_kw):
+    """Rows of task `name` for `split` ('train' or 'test'). purpose 'train' (RL/SFT prompt) or 'eval' (d1's
+    zero-shot evaluation prompt); by default 'eval' for the test split. n limits the number of rows (generated
+    tasks: how many to generate). Sudoku/Countdown accept data_path='generate' (the default for Sudoku, and for
+    Countdown's test split)."""
+    import datasets
+    datasets.disable_progress_bars()
+    if name not in TASKS:
+        raise ValueError(f"--task {name!r}: choose one of {', '.join(TASKS)}")
+    if style not in ("d1", "compact"):
+        raise ValueError(f"--prompt-style {style!r}: choose 'd1' or 'compact'")
+    purpose = purpose or ("eval" if split == "test" else "train")
+    if name == "sudoku":
+        if data_path and data_path != "generate":
+            rows = sudoku_gen.read_csv(data_path)
+        else:
+            size = n or (EVAL_SIZE["sudoku"] if split == "test" else 10_000)
+            rows = sudoku_gen.generate(size, split, seed=seed, **gen_kw)
+        ds = datasets.Dataset.from_list(rows)
+    elif name == "countdown" and (data_path == "generate" or (data_path is None and split == "test")):
+        size = n or (EVAL_SIZE["countdown"] if split == "test" else 10_000)
+        ds = datasets.Dataset.from_list(countdown_gen.generate(size, seed=seed + (0 if split == "train" else 10_000)))
+    elif data_path:
+        ds = _local(data_path, split)
+    else:
+        key = {"math": "math_train" if split == "train" else "math_test"}.get(name, name)
+        ds = _hub(key, "train" if name in ("countdown", "s1k") else split)
+    if name == "countdown":
+        ds = ds.filter(lambda r: len(r["nums"]) == 3)  # d1 keeps the 3-number items
+    if n is not None and len(ds) > n:
+        ds = ds.select(range(n))
+    fn = ROW[name]
+    return ds.map(lambda r: fn(r, style, purpose), remove_columns=ds.column_names)

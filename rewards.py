@@ -1,0 +1,475 @@
+"""
+Rewards (for diffu-GRPO) and evaluation scoring (for eval.py) of the four d1 tasks, in one place so that training and
+evaluation share the same extraction helpers.
+
+Reward functions have TRL's signature
+    f(prompts, completions, **dataset_columns) -> list[float]
+where a completion is a string or a chat-message list ([{"role": "assistant", "content": ...}]). They are pure:
+no printing, no global state, and they cannot hang: arithmetic goes through a small bounded parser (never eval), and
+every input string, however hostile, returns a float.
+
+Scoring functions (score_*) reproduce d1's evaluation parsers, which differ from the training rewards (e.g. GSM8K
+evaluation reads the first \\boxed{} that parses as a number, the training reward compares the <answer> text).
+"""
+
+import re
+
+MAX_CHARS = 20_000  # completions are at most a few thousand characters; longer inputs are cut (keeps regexes O(1))
+
+
+def text_of(completion):
+    """A completion as TRL passes it (a string, or a list of chat messages) -> its text."""
+    if isinstance(completion, str):
+        s = completion
+    elif isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        s = str(completion[-1].get("content", ""))
+    else:
+        s = str(completion)
+    return s[:MAX_CHARS]
+
+
+def extract_xml_answer(text):
+    """The text between the last <answer> and the following </answer> (or the end), stripped."""
+    return text.split("<answer>")[-1].split("</answer>")[0].strip()
+
+
+def answer_blocks(text):
+    """Contents of every <answer>...</answer>, as re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL) returns
+    them, but by str.find: linear even for thousands of unclosed <answer> tags (the regex is quadratic there)."""
+    out, pos = [], 0
+    while True:
+        i = text.find("<answer>", pos)
+        j = -1 if i < 0 else text.find("</answer>", i + 8)
+        if j < 0:
+            return out
+        out.append(text[i + 8:j])
+        pos = j + 9
+
+
+def last_answer_block(text):
+    """Content of the last complete <answer>...</answer>, or None."""
+    blocks = answer_blocks(text)
+    return blocks[-1] if blocks else None
+
+
+def first_answer_block(text):
+    """Content of the first complete <answer>...</answer> (what re.search finds), or None."""
+    i = text.find("<answer>")
+    j = -1 if i < 0 else text.find("</answer>", i + 8)
+    return None if j < 0 else text[i + 8:j]
+
+
+def boxed_contents(text):
+    """Contents of every \\boxed{...} (and \\fbox{...}) in order, with braces matched (so \\boxed{\\frac{1}{2}}
+    gives \\frac{1}{2}); an unbalanced box is ignored. One pass with a stack finds every brace's partner, so the
+    cost is linear even for thousands of nested, unclosed boxes."""
+    close, stack = {}, []
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            close[stack.pop()] = i
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        j = close.get(m.end() - 1)
+        if j is not None:
+            out.append(text[m.end():j])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# A bounded arithmetic evaluator: numbers, + - * /, unary +/-, parentheses. Limits on length, nesting depth and
+# magnitude; division by zero and anything else (including '**') give None. Never eval().
+
+MAX_EXPR_LEN, MAX_DEPTH, MAX_ABS = 200, 32, 1e15
+_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(.))")
+
+
+def safe_eval(expr):
+    """Value of an arithmetic expression as a float, or None if it is not one we accept."""
+    if not isinstance(expr, str) or len(expr) > MAX_EXPR_LEN:
+        return None
+    tokens = []
+    for num, op in _TOKEN.findall(expr):
+        if num:
+            if len(num) > 20:
+                return None
+            tokens.append(float(num))
+        elif op in "+-*/()":
+            tokens.append(op)
+        elif op.strip():
+            return None
+    if "*" in tokens and any(a == b == "*" for a, b in zip(tokens, tokens[1:])):
+        return None  # '**' (power) is not offered by the prompt and could blow up: invalid
+
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def expr_(depth):  # expr := term (('+'|'-') term)*
+        nonlocal pos
+        v = term(depth)
+        while peek() in ("+", "-"):
+            op = tokens[pos]
+            pos += 1
+            w = term(depth)
+            v = v + w if op == "+" else v - w
+            check(v)
+        return v
+
+    def term(depth):  # term := unary (('*'|'/') unary)*
+        nonlocal pos
+        v = unary(depth)
+        while peek() in ("*", "/"):
+            op = tokens[pos]
+            pos += 1
+            w = unary(depth)
+            if op == "/" and w == 0:
+                raise ValueError("division by zero")
+            v = v * w if op == "*" else v / w
+            check(v)
+        return v
+
+    def unary(depth):  # unary := ('+'|'-') unary | atom
+        nonlocal pos
+        if depth > MAX_DEPTH:
+            raise ValueError("too deep")
+        if peek() in ("+", "-"):
+            op = tokens[pos]
+            pos += 1
+            v = unary(depth + 1)
+            return -v if op == "-" else v
+        return atom(depth)
+
+    def atom(depth):  # atom := number | '(' expr ')'
+        nonlocal pos
+        t = peek()
+        if isinstance(t, float):
+            pos += 1
+            return t
+        if t == "(":
+            pos += 1
+            v = expr_(depth + 1)
+            if peek() != ")":
+                raise ValueError("unbalanced")
+            pos += 1
+            return v
+        raise ValueError("unexpected token")
+
+    def check(v):
+        if abs(v) > MAX_ABS:
+            raise ValueError("too large")
+
+    try:
+        v = expr_(0)
+        return v if pos == len(tokens) and tokens else None
+    except (ValueError, RecursionError, OverflowError):
+        return None
+
+
+def numbers_in(expr):
+    """Integers written in an expression, e.g. '(30-5)*2' -> [30, 5, 2]; None if one is absurdly long."""
+    found = re.findall(r"\d+", expr)
+    if any(len(n) > 15 for n in found):
+        return None
+    return [int(n) for n in found]
+
+
+# -----------------------------------------------------------------------------
+# GSM8K rewards (d1 sums all five): format shaping + integer + correctness.
+
+
+def xmlcount_reward_func(prompts, completions, **kw):
+    """0.125 for each tag line present exactly once; minus 0.001 per character of trailing text after the answer."""
+    out = []
+    for c in completions:
+        t = text_of(c)
+        r = 0.0
+        if t.count("<reasoning>\n") == 1:
+            r += 0.125
+        if t.count("\n</reasoning>\n") == 1:
+            r += 0.125
+        if t.count("\n<answer>\n") == 1:
+            r += 0.125
+            r -= len(t.split("\n</answer>\n")[-1]) * 0.001
+        if t.count("\n</answer>") == 1:
+            r += 0.125
+            r -= (len(t.split("\n</answer>")[-1]) - 1) * 0.001
+        out.append(r)
+    return out
+
+
+def soft_format_reward_func(prompts, completions, **kw):
+    pat = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+    return [0.5 if pat.match(text_of(c)) else 0.0 for c in completions]
+
+
+def strict_format_reward_func(prompts, completions, **kw):
+    """The whole completion is exactly <reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n."""
+    pat = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", re.DOTALL)
+    return [0.5 if pat.match(text_of(c)) else 0.0 for c in completions]
+
+
+def int_reward_func(prompts, completions, **kw):
+    return [0.5 if extract_xml_answer(text_of(c)).isdigit() else 0.0 for c in completions]
+
+
+def correctness_reward_func(prompts, completions, answer, **kw):
+    """2.0 if the <answer> text equals the reference answer string."""
+    return [2.0 if extract_xml_answer(text_of(c)) == str(a).strip() else 0.0 for c, a in zip(completions, answer)]
+
+
+# -----------------------------------------------------------------------------
+# MATH rewards and the standard MATH answer normalisation (Hendrycks et al. 2021).
+
+
+def _fix_fracs(s):
+    """\\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}."""
+    parts = s.split("\\frac")
+    out = parts[0]
+    for p in parts[1:]:
+        out += "\\frac"
+        if p.startswith("{") or len(p) < 2:
+            out += p
+            continue
+        a, b, rest = p[0], p[1], p[2:]
+        out += "{" + a + "}" + (b + rest if b == "{" else "{" + b + "}" + rest)
+    return out
+
+
+def _fix_a_slash_b(s):
+    if s.count("/") != 1:
+        return s
+    a, b = s.split("/")
+    if re.fullmatch(r"-?\d{1,15}", a) and re.fullmatch(r"\d{1,15}", b):
+        return "\\frac{" + str(int(a)) + "}{" + str(int(b)) + "}"
+    return s
+
+
+def _fix_sqrt(s):
+    return re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+
+
+def normalize_math(s):
+    """The standard MATH normalisation used by d1's evaluation, step by step."""
+    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
+    if "\\text{ " in s:  # units on the right: "5 \text{ cm}" -> "5 "
+        s = s.split("\\text{ ")[0]
+    s = s.replace("\\%", "").replace("%", "")
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:  # "x = 3" -> "3"
+        s = s.split("=")[1]
+    s = _fix_sqrt(s).replace(" ", "")
+    s = _fix_fracs(s)
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    return _fix_a_slash_b(s)
+
+
+def math_equiv(a, b):
+    if a is None or b is None:
+        return False
+    return normalize_math(str(a)) == normalize_math(str(b))
+
+
+def last_boxed(text):
+    b = boxed_contents(text)
+    return b[-1] if b else None
+
+
+def math_correctness_reward_func(prompts, completions, answer, **kw):
+    """2.0 if the last \\boxed{} of the completion is equivalent to the reference answer."""
+    return [2.0 if math_equiv(last_boxed(text_of(c)), a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def boxed_in_answer_reward_func(prompts, completions, **kw):
+    """0.5 when a \\boxed{} sits inside the <answer> tags (d1's MATH format reward)."""
+    out = []
+    for c in completions:
+        block = last_answer_block(text_of(c))
+        out.append(0.5 if block is not None and boxed_contents(block) else 0.0)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Countdown and Sudoku rewards
+
+
+def countdown_reward_func(prompts, completions, nums, target, **kw):
+    """Last <answer>: none -> 0; numbers used differ from the given multiset -> 0.1; not an expression of digits,
+    + - * / ( ) . and spaces -> 0.1; value within 1e-5 of the target -> 1.0, else 0.1. '**' is treated as invalid
+    (0.1): the prompt only offers + - * /, and d1's eval of it is what can hang its trainer."""
+    out = []
+    for c, ns, t in zip(completions, nums, target):
+        out.append(_countdown_score(last_answer_block(text_of(c)), ns, t, partial=0.1))
+    return out
+
+
+def _countdown_score(expr, nums, target, partial):
+    if expr is None:
+        return 0.0
+    expr = expr.strip()
+    used = numbers_in(expr)
+    if used is None or sorted(used) != sorted(int(n) for n in nums):
+        return partial
+    if not re.fullmatch(r"[\d+\-*/().\s]+", expr):
+        return partial
+    v = safe_eval(expr)
+    return 1.0 if v is not None and abs(v - float(target)) < 1e-5 else partial
+
+
+def sudoku_cells(answer, puzzle, solution):
+    """(correct blank cells, blank cells) for a 16-character answer string."""
+    blanks = [i for i, ch in enumerate(puzzle) if ch == "0"]
+    return sum(answer[i] == solution[i] for i in blanks), len(blanks)
+
+
+def pad16(s):
+    return (s + "0" * 16)[:16]
+
+
+def sudoku_reward_func(prompts, completions, puzzle, solution, **kw):
+    """Fraction of the puzzle's blank cells that the digits of the last <answer> block fill correctly."""
+    out = []
+    for c, p, s in zip(completions, puzzle, solution):
+        block = last_answer_block(text_of(c))
+        if block is None:
+            out.append(0.0)
+            continue
+        correct, blanks = sudoku_cells(pad16("".join(re.findall(r"\d", block))), p, s)
+        out.append(correct / blanks if blanks else 0.0)
+    return out
+
+
+# Reward sets per task: (function, weight). d1 sums GSM8K's five and MATH's two with weight 1.
+REWARDS = {
+    "gsm8k": [(xmlcount_reward_func, 1.0), (soft_format_reward_func, 1.0), (strict_format_reward_func, 1.0),
+              (int_reward_func, 1.0), (correctness_reward_func, 1.0)],
+    "math": [(math_correctness_reward_func, 1.0), (boxed_in_answer_reward_func, 1.0)],
+    "countdown": [(countdown_reward_func, 1.0)],
+    "sudoku": [(sudoku_reward_func, 1.0)],
+}
+
+
+# -----------------------------------------------------------------------------
+# Evaluation scoring, exactly as d1's evaluation parses generations.
+
+_NUM = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
+
+
+def _to_float(s):
+    try:
+        s = s.replace(",", "").strip()
+        return float(s) if len(s) < 40 else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def parse_gsm8k(text):
+    """First \\boxed{} whose content is a number; else the first number inside the first box; else the first
+    <answer> block as a number, else its last number. None if nothing is found."""
+    text = text[:MAX_CHARS]
+    boxes = boxed_contents(text)
+    for b in boxes:
+        v = _to_float(b)
+        if v is not None:
+            return v
+    if boxes:
+        nums = _NUM.findall(boxes[0])
+        if nums:
+            return _to_float(nums[0])
+    block = first_answer_block(text)
+    if block is not None:
+        v = _to_float(block)
+        if v is not None:
+            return v
+        nums = _NUM.findall(block)
+        if nums:
+            return _to_float(nums[-1])
+    return None
+
+
+def gsm8k_reference(answer):
+    """'... #### 1,234' -> 1234.0"""
+    return _to_float(str(answer).split("####")[-1])
+
+
+def score_gsm8k(text, answer):
+    pred, ref = parse_gsm8k(text), gsm8k_reference(answer)
+    return dict(extracted=pred, correct=pred is not None and ref is not None and pred == ref)
+
+
+def parse_math(text):
+    text = text[:MAX_CHARS]
+    b = last_boxed(text)
+    if b is not None:
+        return b
+    block = first_answer_block(text)
+    return block.strip() if block is not None else None
+
+
+def score_math(text, answer):
+    pred = parse_math(text)
+    return dict(extracted=pred, correct=math_equiv(pred, answer))
+
+
+def parse_countdown(text):
+    text = text[:MAX_CHARS]
+    b = last_boxed(text)
+    if b is None:
+        b = first_answer_block(text)
+        b = text if b is None else b
+    b = b.replace("\\div", "/").replace("\\times", "*").replace("\\cdot", "*").strip()
+    m = re.fullmatch(r"(.*?)=\s*-?[\d.]+\s*", b, re.DOTALL)  # "expr = number" -> expr
+    return (m.group(1) if m else b).strip()
+
+
+def score_countdown(text, nums, target):
+    expr = parse_countdown(text)
+    return dict(extracted=expr, correct=_countdown_score(expr, nums, target, partial=0.0) == 1.0)
+
+
+_SUDOKU_AFTER_ANSWER = [re.compile(r"<answer>.*?```\s*([\d\s]+?)\s*```", re.DOTALL),  # digits in a code block
+                        re.compile(r"<answer>(.*?)(?:</answer>|<\|eot_id\|>|<\|endoftext\|>)", re.DOTALL)]
+_SUDOKU_ANYWHERE = [re.compile(r"</answer>(.*)", re.DOTALL),  # the text after </answer>
+                    re.compile(r"(\d{16})\s*</answer>"),  # 16 digits just before </answer>
+                    re.compile(r"(?<!\d)(\d{16})(?!\d)")]  # any standalone run of 16 digits
+
+
+def parse_sudoku(text):
+    """d1's chain of fallbacks for the 16-character solution string (whitespace removed, padded/cut to 16).
+    The two <answer> patterns are tried at the FIRST <answer> only: that is where re.search would succeed if
+    anywhere (the lazy .*? from the first tag covers every later one), and it keeps the cost linear."""
+    text = text[:MAX_CHARS]
+    first = text.find("<answer>")
+    found = [p.match(text, first) for p in _SUDOKU_AFTER_ANSWER] if first >= 0 else []
+    for m in found + [p.search(text) for p in _SUDOKU_ANYWHERE]:
+        if m and m.group(1).strip():
+            return pad16(re.sub(r"\s", "", m.group(1)))
+    return pad16("")
+
+
+def score_sudoku(text, puzzle, solution):
+    ans = parse_sudoku(text)
+    correct, blanks = sudoku_cells(ans, puzzle, solution)
+    return dict(extracted=ans, correct_cells=correct, blank_cells=blanks, correct=correct == blanks)
+
+
+def score(task, text, row):
+    """Score one generation against a dataset row (the columns each task's loader provides)."""
+    if task == "gsm8k":
+        return score_gsm8k(text, row["answer"])
+    if task == "math":
+        return score_math(text, row["answer"])
+    if task == "countdown":
+        return score_countdown(text, row["nums"], row["target"])
+    if task == "sudoku":
+        return score_sudoku(text, row["puzzle"], row["solution"])
+    raise ValueError(f"unknown task {task!r}")
