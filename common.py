@@ -154,3 +154,72 @@ def fmt_metrics(step, metrics):
     for k, v in metrics.items():
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     return " | ".join(parts)
+
+
+def lr_lambda(warmup, total, schedule):
+    """Multiplier of the base lr at a step: linear warmup, then constant, linear or cosine decay to 0."""
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - frac if schedule == "linear" else 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item())
+    return f
+
+
+def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta):
+    """A resumable checkpoint, written atomically: the trainable weights (the LoRA adapter alone, or the full
+    model in the official layout), optimizer and scheduler state, and meta.json (args, step, metrics)."""
+    if not is_main():
+        return
+    with atomic_dir(path) as tmp:
+        if M.has_lora(model):
+            M.save_lora(model, tmp)
+        else:
+            M.save_model(model, tmp, tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """Restore what save_checkpoint wrote into an already built model/optimizer/scheduler; returns meta."""
+    from safetensors.torch import load_file
+    if M.has_lora(model):
+        M.load_lora(model, path)
+    else:
+        sd = {}
+        for shard in M._checkpoint_shards(path):
+            sd.update(load_file(os.path.join(path, shard)))
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in sd.items()})
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
+
+
+def export_model(path, model, tokenizer, meta=None):
+    """The final model in the official layout with any LoRA merged: loadable by model.py and the official code."""
+    if not is_main():
+        return
+    with atomic_dir(path) as tmp:
+        M.save_model(model, tmp, tokenizer, merge=True)
+        if meta is not None:
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=2, default=str)
+
+
+def assert_ranks_in_sync(params, world):
+    """Gather a fingerprint of the weights from every rank and fail loudly if any rank differs."""
+    if world == 1:
+        return True
+    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for p in params])
+    fp = fp.flatten().to(params[0].device)
+    gathered = [torch.zeros_like(fp) for _ in range(world)]
+    dist.all_gather(gathered, fp)
+    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError("ranks hold different weights: distributed training is out of sync")
+    return True

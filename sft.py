@@ -1,0 +1,260 @@
+"""
+Stage 1 of d1: masked supervised fine-tuning with LLaDA's objective (Nie et al. 2025, Eq. 5 / SFT in Sec. 2.3).
+
+A training pair is (prompt p0, answer r0). Noise is applied to the ANSWER only:
+    t ~ U(0, 1) per sequence,  p = (1 - eps) t + eps,
+    each answer token (its EOS padding included) becomes [MASK] with probability p; the prompt is never masked.
+The model predicts every masked token from the partially masked sequence, and
+    loss = E_t [ 1/L_r * sum_{i masked} -log p_theta(r0_i | p0, r_t) / p ]
+with L_r the answer length of that sample (EOS padding included). The 1/p weight makes this an upper bound on the
+negative log-likelihood (masked diffusion ELBO); the padding counts because learning to write EOS up to the end of
+a fixed canvas is how the model learns to stop.
+
+Length: d1 pads every s1K example to 4096 tokens with EOS. We pad to --max-length (a fixed canvas, so the model
+still learns to fill the rest with EOS) and truncate longer answers; the script reports how many were truncated.
+
+    python sft.py --model tiny --task sudoku --prompt-style compact                 # CPU, from scratch, minutes
+    torchrun --nproc_per_node=2 sft.py --model tiny --task sudoku --prompt-style compact
+    torchrun --nproc_per_node=8 sft.py --model GSAI-ML/LLaDA-8B-Instruct --task s1k --max-length 4096 \\
+        --lora-r 128 --lora-alpha 256 --lr 1e-5 --epochs 20 --batch-size 8 --micro-batch-size 1 --grad-ckpt
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, broadcast_params,
+                    compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint, lr_lambda, print0, resolve_dtype, save_checkpoint)
+from data import load_task
+
+EVAL_NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed t's for the held-out loss, so it is comparable across steps
+
+# -----------------------------------------------------------------------------
+# Data: chat-templated prompt + answer + <|eot_id|>, right-padded with EOS to a fixed canvas.
+
+
+def tokenize_examples(tokenizer, rows, max_length, eos_id):
+    """rows with `prompt` (chat messages) and `completion` (text) -> (ids (N, max_length), prompt_lens (N,)),
+    plus the number of examples whose answer was truncated. An example whose prompt alone fills the canvas is
+    dropped (counted as truncated)."""
+    seqs, plens, truncated = [], [], 0
+    for r in rows:
+        p = tokenizer(tokenizer.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
+        a = tokenizer(r["completion"] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
+        if len(p) + len(a) > max_length:
+            truncated += 1
+            if len(p) >= max_length:
+                continue
+            a = a[:max_length - len(p)]
+        seqs.append(p + a + [eos_id] * (max_length - len(p) - len(a)))
+        plens.append(len(p))
+    if not seqs:
+        raise ValueError(f"every example's prompt is longer than --max-length {max_length}")
+    return torch.tensor(seqs), torch.tensor(plens), truncated
+
+
+# -----------------------------------------------------------------------------
+# The objective
+
+
+def sft_loss(model, ids, prompt_lens, mask_id, t, u, eps=1e-3):
+    """ids (B, T) long; prompt_lens (B,); t (B,) noise levels in [0, 1]; u (B, T) uniforms deciding the mask.
+    Returns the mean over the batch of (sum over masked answer tokens of CE / p) / answer length.
+    t and u are inputs (not drawn here) so callers control the randomness: training draws them from a seeded
+    generator, the held-out loss uses fixed t's, and tests compute the same number by hand."""
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device)[None, :]
+    answer = pos >= prompt_lens[:, None]  # (B, T) maskable: the answer and its EOS padding, never the prompt
+    p = ((1 - eps) * t + eps)[:, None]  # (B, 1) masking probability of each sequence
+    masked = answer & (u < p)  # (B, T)
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    logits = model(noisy)  # (B, T, V); no attention mask: EOS padding is content here, not padding
+    ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(B, T)
+    per_token = torch.where(masked, ce / p, torch.zeros_like(ce))
+    answer_len = answer.sum(1).clamp(min=1)  # (B,)
+    return (per_token.sum(1) / answer_len).mean()
+
+
+def noise_for(step, seed, n, T):
+    """The noise of global step `step` for its n examples: a generator seeded from (seed, step) alone, so every
+    rank draws the same numbers for the whole global batch (each takes its slice) and a resumed run draws
+    exactly what the uninterrupted run drew."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.rand(n, generator=g), torch.rand(n, T, generator=g)
+
+
+@torch.no_grad()
+def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast):
+    """The objective at fixed noise levels with a fixed mask pattern per level: an estimate that changes only
+    when the weights change."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for k, t in enumerate(EVAL_NOISE_LEVELS):
+        g = torch.Generator().manual_seed(10_000 + k)
+        u = torch.rand(ids.shape, generator=g)
+        for i in range(0, len(ids), batch_size):
+            sl = slice(i, i + batch_size)
+            with autocast:
+                loss = sft_loss(model, ids[sl].to(device), plens[sl].to(device), mask_id,
+                                torch.full((len(ids[sl]),), t, device=device), u[sl].to(device))
+            total += loss.item() * len(ids[sl])
+    model.train(was_training)
+    return total / (len(ids) * len(EVAL_NOISE_LEVELS))
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="Masked SFT of LLaDA (d1 stage 1).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Model
+    add_model_args(ap)
+    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (default: 128, or 0 for tiny)")
+    ap.add_argument("--lora-alpha", type=float, default=256.0, help="LoRA alpha (scale = alpha / r)")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout probability")
+    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj", help="comma-separated module names (d1's SFT: q,k,v)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (recompute blocks in backward)")
+    # Data
+    ap.add_argument("--task", default="s1k", help="s1k (d1's SFT data), or sudoku/countdown (generated, for tiny runs)")
+    ap.add_argument("--data-path", default=None, help="local dataset file/directory instead of the hub")
+    ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's exact prompts or the compact ones")
+    ap.add_argument("--train-n", type=int, default=None, help="number of training examples (generated tasks: how many)")
+    ap.add_argument("--eval-n", type=int, default=64, help="held-out examples for the fixed-noise loss")
+    ap.add_argument("--max-length", type=int, default=4096, help="canvas length: prompt + answer, EOS-padded (tokens)")
+    # Optimization
+    ap.add_argument("--epochs", type=float, default=20, help="passes over the training set (d1: 20)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    ap.add_argument("--batch-size", type=int, default=8, help="global batch (examples per optimizer step, all ranks)")
+    ap.add_argument("--micro-batch-size", type=int, default=1, help="examples per forward pass per rank")
+    ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"], help="decay after warmup")
+    ap.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    ap.add_argument("--eps", type=float, default=1e-3, help="minimum masking probability (p = (1-eps) t + eps)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for init (tiny), data order and noise")
+    # Logging and checkpoints
+    ap.add_argument("--out-dir", default="out/sft", help="checkpoints, final export and metrics.jsonl go here")
+    ap.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0 = only at the end)")
+    ap.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (0 = off)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    ap.add_argument("--halt-after", type=int, default=None,
+                    help="stop (checkpoint, no export) after this step, as if interrupted; continue with --resume")
+    ap.add_argument("--no-export", action="store_true", help="skip the final merged export")
+    args = ap.parse_args(argv)
+    if args.lora_r is None:
+        args.lora_r = 0 if args.model == "tiny" else 128
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, local_rank, world, device = compute_init(args.device)
+    if args.batch_size % (world * args.micro_batch_size):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by world size {world} x "
+                         f"--micro-batch-size {args.micro_batch_size}")
+    per_rank = args.batch_size // world
+    accum = per_rank // args.micro_batch_size
+    # Weights: LoRA keeps the base in bf16 on GPU (adapters are fp32); full fine-tuning keeps fp32 master weights
+    # and computes in bf16 under autocast (a 1e-5 update is below bf16's resolution for most weights).
+    dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
+    model, tok = M.build(args.model, dtype, device, seed=args.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if args.adapter:
+        M.load_lora(model, args.adapter)
+        M.merge_lora(model)
+    if args.lora_r:
+        M.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")),
+                     generator=torch.Generator().manual_seed(args.seed))
+    model.gradient_checkpointing = args.grad_ckpt
+    params = [p for p in model.parameters() if p.requires_grad]
+    broadcast_params(params, world)
+    mask_id, eos_id = model.cfg.mask_token_id, model.cfg.eos_token_id
+
+    # Data. Held-out examples: the test split for generated tasks (Sudoku: unseen solution grids), else the tail.
+    n_total = None if args.train_n is None else args.train_n + (0 if args.task in ("sudoku", "countdown") else args.eval_n)
+    rows = load_task(args.task, "train", args.data_path, args.prompt_style, n=n_total, seed=args.seed)
+    if args.task in ("sudoku", "countdown"):
+        held = load_task(args.task, "test", None, args.prompt_style, n=args.eval_n, seed=args.seed, purpose="train")
+    else:
+        held, rows = rows.select(range(len(rows) - args.eval_n, len(rows))), rows.select(range(len(rows) - args.eval_n))
+    ids, plens, n_trunc = tokenize_examples(tok, rows, args.max_length, eos_id)
+    eval_ids, eval_plens, _ = tokenize_examples(tok, held, args.max_length, eos_id)
+    N, T = ids.shape
+    steps_per_epoch = max(1, N // args.batch_size)
+    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    print0(f"{N} training examples ({n_trunc} truncated to --max-length {args.max_length}), {len(eval_ids)} held out | "
+           f"{model.num_params():,} params, {sum(p.numel() for p in params):,} trainable | world {world}, "
+           f"{per_rank} per rank = {accum} x {args.micro_batch_size} | {total_steps} steps")
+
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps, args.lr_schedule))
+    start = 0
+    ckpt_dir = os.path.join(args.out_dir, "checkpoint")
+    if args.resume:
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
+        start = load_checkpoint(ckpt_dir, model, opt, sched)["step"]
+        print0(f"resumed from {ckpt_dir} at step {start}")
+    log = JsonlLog(os.path.join(args.out_dir, "metrics.jsonl"))
+    heldout = lambda: heldout_loss(model, eval_ids, eval_plens, mask_id, args.micro_batch_size * 4, device,
+                                         autocast)
+    if start == 0:
+        log.write(step=0, eval_loss=heldout())
+    model.train()
+    metrics = {}
+    bar = tqdm(range(start, total_steps), disable=rank != 0, desc="sft", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        # Global batch of this step: a seeded permutation per epoch (so resume needs only the step number).
+        epoch, k = divmod(step, steps_per_epoch)
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch))
+        batch = perm[k * args.batch_size:(k + 1) * args.batch_size]
+        t_all, u_all = noise_for(step, args.seed, args.batch_size, T)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        batch, t_all, u_all = batch[mine], t_all[mine], u_all[mine]
+        loss_sum = 0.0
+        for m in range(accum):
+            sl = slice(m * args.micro_batch_size, (m + 1) * args.micro_batch_size)
+            with autocast:
+                loss = sft_loss(model, ids[batch[sl]].to(device), plens[batch[sl]].to(device), mask_id,
+                                t_all[sl].to(device), u_all[sl].to(device), args.eps)
+            (loss / accum).backward()
+            loss_sum += loss.item() / accum
+        all_reduce_grads(params, world)  # mean over ranks = mean over the global batch
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        metrics = {"loss": loss_sum, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+                   "step_time": time.perf_counter() - t0}
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
+            metrics["eval_loss"] = heldout()
+        log.write(step=step + 1, **metrics)
+        bar.write(fmt_metrics(step + 1, metrics)) if rank == 0 else None
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(ckpt_dir, model, tok, opt, sched, {"step": step + 1, "args": vars(args), **metrics})
+        if args.halt_after is not None and step + 1 >= args.halt_after:
+            print0(f"halting after step {step + 1} (--halt-after)")
+            break
+    print0(f"ranks in sync: {assert_ranks_in_sync(params, world)}")
+    if not args.no_export and (args.halt_after is None or args.halt_after >= total_steps):
+        export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args), **metrics})
+        print0(f"exported merged model to {os.path.join(args.out_dir, 'final')}")
+    compute_cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

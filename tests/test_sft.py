@@ -1,0 +1,111 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SFT = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
+            "--train-n", "64", "--eval-n", "16", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--warmup-steps", "2", "--eval-every", "0"]
+
+
+def test_loss_equals_a_hand_computation_prompt_never_masked_eos_padding_counted(tiny):
+    mask_id, eos = tiny.cfg.mask_token_id, tiny.cfg.eos_token_id
+    ids = torch.tensor([[10, 11, 12, 20, 21, eos, eos, eos],
+                        [10, 11, 12, 13, 14, 30, eos, eos]])
+    plens = torch.tensor([3, 5])
+    t = torch.tensor([0.5, 0.25])
+    u = torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
+    u[:, 0] = 0.0  # would be masked if prompts were maskable
+    u[0, 7] = 0.0  # an EOS padding position: must be masked
+    got = sft.sft_loss(tiny, ids, plens, mask_id, t, u, eps=1e-3)
+    want = 0.0
+    for b in range(2):
+        p = (1 - 1e-3) * t[b].item() + 1e-3
+        noisy = ids[b].clone()
+        masked = [i for i in range(8) if i >= plens[b] and u[b, i] < p]
+        assert 7 in masked or b == 1
+        for i in masked:
+            noisy[i] = mask_id
+        logp = F.log_softmax(tiny(noisy[None])[0], -1)
+        total = sum(-logp[i, ids[b, i]].item() / p for i in masked)
+        want += total / (8 - plens[b].item())  # answer length includes the EOS padding
+    torch.testing.assert_close(got.item(), want / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_tokenize_examples_pads_with_eos_and_counts_truncation(tok):
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "completion": "abc"},
+            {"prompt": [{"role": "user", "content": "hi"}], "completion": "x" * 100}]
+    ids, plens, n_trunc = sft.tokenize_examples(tok, rows, 64, tok.eos_token_id)
+    assert ids.shape == (2, 64) and n_trunc == 1
+    p = plens[0].item()
+    assert tok.decode(ids[0, p:p + 4]) == "abc<|eot_id|>"
+    assert (ids[0, p + 4:] == tok.eos_token_id).all()
+
+
+def read_weights(path):
+    return M.load_model(path).state_dict()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run(args, nproc=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+           if nproc > 1 else [sys.executable])
+    out = subprocess.run(cmd + [os.path.join(ROOT, "sft.py")] + args, cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_two_process_gloo_run_equals_one_process_run_and_ranks_agree(tmp_path):
+    common = TINY_SFT + ["--max-steps", "3"]
+    run(common + ["--out-dir", str(tmp_path / "one")])
+    log = run(common + ["--out-dir", str(tmp_path / "two")], nproc=2)
+    assert "ranks in sync: True" in log
+    a, b = read_weights(str(tmp_path / "one" / "final")), read_weights(str(tmp_path / "two" / "final"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_continues_exactly(tmp_path):
+    steps = TINY_SFT + ["--max-steps", "6", "--save-every", "3"]
+    run(steps + ["--out-dir", str(tmp_path / "straight")])
+    run(steps + ["--out-dir", str(tmp_path / "halted"), "--halt-after", "3"])
+    assert not (tmp_path / "halted" / "final").exists()
+    meta = json.load(open(tmp_path / "halted" / "checkpoint" / "meta.json"))
+    assert meta["step"] == 3
+    run(steps + ["--out-dir", str(tmp_path / "halted"), "--resume"])
+    a, b = read_weights(str(tmp_path / "straight" / "final")), read_weights(str(tmp_path / "halted" / "final"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_lora_sft_exports_a_merged_official_checkpoint(tmp_path):
+    run(TINY_SFT + ["--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--out-dir", str(tmp_path / "l")])
+    m = M.load_model(str(tmp_path / "l" / "final"))
+    assert not M.has_lora(m) and not (tmp_path / "l" / "final" / M.ADAPTER_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_short_tiny_sudoku_run_lowers_the_heldout_loss_substantially(tmp_path):
+    metrics = sft.main(["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
+                        "--train-n", "2000", "--eval-n", "32", "--batch-size", "16", "--micro-batch-size", "16",
+                        "--lr", "2e-3", "--warmup-steps", "5", "--max-steps", "80", "--eval-every", "0",
+                        "--out-dir", str(tmp_path), "--no-export"])
+    first = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert first["step"] == 0
+    assert metrics["eval_loss"] < 0.5 * first["eval_loss"], (first, metrics)
