@@ -1,0 +1,182 @@
+import contextlib
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffu_grpo as D
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RL = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
+           "--gen-length", "32", "--block-length", "16", "--steps", "8", "--num-generations", "3",
+           "--prompts-per-step", "1", "--micro-batch-size", "3", "--lora-r", "4", "--lr", "1e-3",
+           "--sample-every", "0"]
+
+
+def test_prompt_mask_patterns_rate_padding_and_freshness():
+    attn = torch.ones(64, 200, dtype=torch.long)
+    attn[:, :50] = 0  # left padding is never masked
+    pats = D.prompt_mask_patterns(torch.Generator().manual_seed(0), 4, attn, 0.15)
+    assert pats.shape == (4, 64, 200)
+    assert not pats[:, :, :50].any()
+    rate = pats[:, :, 50:].float().mean().item()
+    assert abs(rate - 0.15) < 0.01
+    assert not torch.equal(pats[0], pats[1])
+
+
+def test_masked_input_masks_the_pattern_and_the_whole_completion():
+    prompt = torch.arange(10, 20).repeat(2, 1)
+    pat = torch.zeros(2, 10, dtype=torch.bool)
+    pat[0, 3] = pat[1, 7] = True
+    x = D.masked_input(prompt, pat, 5, mask_id=2)
+    assert x.shape == (2, 15) and (x[:, 10:] == 2).all()
+    assert x[0, 3] == 2 and x[1, 7] == 2 and (x[:, :10] != 2).sum() == 18
+
+
+def test_per_token_logps_equal_a_manual_log_softmax_gather(tiny):
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 100, (3, 9), generator=g)
+    attn = torch.ones_like(prompt)
+    attn[1, :4] = 0
+    completion = torch.randint(3, 100, (3, 6), generator=g)
+    pat = D.prompt_mask_patterns(g, 1, attn, 0.3)[0]
+    got = D.per_token_logps(tiny, prompt, attn, completion, pat, tiny.cfg.mask_token_id, micro_batch=2)
+    x = D.masked_input(prompt, pat, 6, tiny.cfg.mask_token_id)
+    full_attn = torch.cat([attn, torch.ones(3, 6, dtype=attn.dtype)], 1)
+    logp = F.log_softmax(tiny(x, full_attn), -1)[:, 9:]
+    want = logp.gather(-1, completion[..., None]).squeeze(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_equals_a_hand_computation_with_clipping_on_both_sides_and_kl():
+    eps, beta = 0.2, 0.1
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.1, -3.0]])
+    old = torch.tensor([[-1.5, -2.0, -0.1], [-1.0, -0.8, -3.0]])  # ratios e^0.5 (high), 1, e^-0.4 (low), ...
+    ref = torch.tensor([[-1.2, -1.0, -0.5], [-1.5, -0.3, -2.0]])
+    adv = torch.tensor([1.0, -2.0])
+    cmask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    total, stats = D.grpo_token_loss(logp, old, ref, adv, cmask, eps, beta)
+    want, clipped, kl_sum = 0.0, 0, 0.0
+    for b in range(2):
+        for k in range(3):
+            if not cmask[b, k]:
+                continue
+            r = math.exp(logp[b, k] - old[b, k])
+            A = adv[b].item()
+            surr = min(r * A, min(max(r, 1 - eps), 1 + eps) * A)
+            d = (ref[b, k] - logp[b, k]).item()
+            kl = math.exp(d) - d - 1
+            want += -surr + beta * kl
+            kl_sum += kl
+            clipped += (r > 1 + eps and A > 0) or (r < 1 - eps and A < 0)
+    assert clipped == 2  # the high side (A > 0) and the low side (A < 0) are both exercised
+    assert total.item() == pytest.approx(want, rel=1e-6)
+    assert stats["clipped"].item() == clipped and stats["kl"].item() == pytest.approx(kl_sum, rel=1e-6)
+
+
+def test_identical_rewards_give_zero_advantages_and_no_nan():
+    r = torch.tensor([1.0, 1.0, 1.0, 0.5, 1.5, 1.0])
+    for scale in (False, True):
+        a = D.group_advantages(r, 3, scale)
+        assert torch.isfinite(a).all() and (a[:3] == 0).all()
+    assert torch.allclose(D.group_advantages(r, 3), torch.tensor([0, 0, 0, -0.5, 0.5, 0.0]))
+    logp = torch.full((3, 4), -1.0, requires_grad=True)
+    loss, _ = D.grpo_token_loss(logp, logp.detach(), logp.detach() - 0.1, torch.zeros(3), torch.ones(3, 4), 0.5, 0.04)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a LoRA model; records (input, adapters on?) of every full-completion log-prob pass."""
+
+    def __init__(self, inner, L):
+        super().__init__()
+        self.inner, self.cfg, self.L, self.calls = inner, inner.cfg, L, []
+
+    def forward(self, ids, attention_mask=None, **kw):
+        sl = kw.get("logits_slice")
+        if sl is not None and sl.stop - sl.start == self.L and ids.shape[1] == sl.stop:
+            on = next(m for m in self.inner.modules() if isinstance(m, M.LoRALinear)).enabled
+            self.calls.append((ids.clone(), on))
+        return self.inner(ids, attention_mask, **kw)
+
+
+def run_one_batch(tiny, tok, mu, beta, G=3):
+    M.apply_lora(tiny, 4, 8, generator=torch.Generator().manual_seed(0))
+    args = D.get_args(TINY_RL + ["--num-iterations", str(mu), "--beta", str(beta), "--num-generations", str(G),
+                                 "--micro-batch-size", str(2 * G), "--p-mask-prompt", "0.3"])
+    rec = Recorder(tiny, args.gen_length)
+    params = [p for p in tiny.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    policy = D.Policy(rec)
+    from data import load_task
+    rows = [load_task("sudoku", "train", style="compact", n=2)[i] for i in range(2)]
+    gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "mask"))}
+    metrics, _ = D.rl_step(policy, opt, sched, params, rows, tok, args, 1, gens, contextlib.nullcontext(), "cpu")
+    return rec, policy, metrics, opt
+
+
+def test_old_ref_and_current_use_the_same_pattern_j_and_patterns_differ_between_iterations(tiny, tok):
+    mu = 3
+    rec, policy, metrics, opt = run_one_batch(tiny, tok, mu=mu, beta=0.04)
+    assert len(rec.calls) == 3 * mu  # old (mu), reference (mu), current (mu): every pattern used
+    old, ref, cur = rec.calls[:mu], rec.calls[mu:2 * mu], rec.calls[2 * mu:]
+    assert all(on for _, on in old) and not any(on for _, on in ref) and all(on for _, on in cur)
+    P = old[0][0].shape[1] - 32
+    for j in range(mu):
+        assert torch.equal(old[j][0], ref[j][0]) and torch.equal(old[j][0], cur[j][0])
+        assert (old[j][0][:, P:] == tiny.cfg.mask_token_id).all()  # completion fully masked
+    assert not torch.equal(old[0][0], old[1][0])
+    assert policy.ref_passes == mu
+    assert opt.state[next(iter(opt.state))]["step"].item() == mu  # one optimizer step per inner iteration
+
+
+def test_mu_one_has_ratio_exactly_one_and_beta_zero_makes_no_reference_pass(tiny, tok):
+    rec, policy, metrics, _ = run_one_batch(tiny, tok, mu=1, beta=0.04)  # d1's code crashes here
+    assert policy.ref_passes == 1 and len(rec.calls) == 2  # ref + current; no separate old pass
+    assert metrics["clip_ratio/region_mean"] == 0.0
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["kl"])
+    tiny2 = M.LLaDA(tiny.cfg).init_weights(torch.Generator().manual_seed(0)).eval()
+    rec, policy, metrics, _ = run_one_batch(tiny2, tok, mu=2, beta=0.0)
+    assert policy.ref_passes == 0 and len(rec.calls) == 4 and all(on for _, on in rec.calls)
+
+
+def test_ratio_is_exactly_one_with_mu_one():
+    logp = torch.randn(2, 5, requires_grad=True)
+    _, st = D.grpo_token_loss(logp, logp.detach(), None, torch.tensor([1.0, -1.0]), torch.ones(2, 5), 1e-9, 0.0)
+    assert st["clipped"].item() == 0  # ratio == 1 exactly, so even an (absurd) 1e-9 clip range never clips
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_torchrun_two_ranks_gloo_stay_in_sync(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           os.path.join(ROOT, "diffu_grpo.py")] + TINY_RL + ["--num-iterations", "1", "--max-steps", "2",
+                                                          "--out-dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ranks in sync: True" in out.stdout
+    assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_defaults_are_d1s_published_recipe():
+    a = D.get_args(["--task", "sudoku"])
+    assert (a.model, a.num_generations, a.num_iterations, a.beta, a.epsilon, a.p_mask_prompt, a.lr) == \
+        (M.LLADA_HUB_ID, 6, 8, 0.04, 0.5, 0.15, 3e-6)
+    assert (a.gen_length, a.block_length, a.steps, a.temperature, a.lora_r, a.lora_alpha, a.lora_dropout) == \
+        (256, 32, 128, 0.3, 128, 64.0, 0.05)
+    assert tuple(a.adam_betas) == (0.9, 0.99) and a.weight_decay == 0.1 and a.max_grad_norm == 0.2
+    g = D.get_args(["--task", "gsm8k"])
+    assert g.num_iterations == 12 and g.temperature == 0.9 and len(g.reward_fns) == 5
