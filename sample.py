@@ -231,12 +231,13 @@ def pad_left(rows, pad_id, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def add_sampling_args(ap, gen_length=128, block_length=32, steps=64, temperature=0.0):
-    """The sampler's flags, shared by sample.py, eval.py and diffu_grpo.py."""
-    ap.add_argument("--gen-length", type=int, default=gen_length, help="tokens to generate (the canvas length)")
+def add_sampling_args(ap, gen_length=128, block_length=32, steps=64, temperature=0.0, several_lengths=False):
+    """The sampler's flags, shared by sample.py, eval.py and diffu_grpo.py (eval.py takes several gen lengths)."""
+    ap.add_argument("--gen-length", type=int, default=gen_length, nargs="+" if several_lengths else None,
+                    help="tokens to generate (the canvas length)" + (", one run per value" if several_lengths else ""))
     ap.add_argument("--block-length", type=int, default=block_length, help="semi-autoregressive block size (tokens)")
     ap.add_argument("--steps", "--diffusion-steps", dest="steps", type=int, default=steps,
-                    help="denoising steps in total (split evenly over blocks)")
+                    help="denoising steps in total (split evenly over blocks)" + ("" if steps else "; default gen_length // 2"))
     ap.add_argument("--temperature", type=float, default=temperature, help="0 = greedy; >0 = float64 Gumbel-max")
     ap.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight (0 = off)")
     ap.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],

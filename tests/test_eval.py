@@ -1,0 +1,100 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as E
+import model as M
+import sample as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_EVAL = ["--model", "tiny", "--prompt-style", "compact", "--gen-length", "32", "--block-length", "16",
+             "--limit", "5", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("task,text,truth,question,correct", [
+    ("gsm8k", "<reasoning>..</reasoning><answer>\\boxed{72}</answer>", "72", "", True),
+    ("gsm8k", "<answer>it is 7 then 72</answer>", "72", "", True),  # last number of the answer block
+    ("gsm8k", "\\boxed{73}", "72", "", False),
+    ("math", "so \\boxed{\\dfrac{1}{2}}", "0.5", "", True),
+    ("math", "<answer>x = 3</answer>", "3", "", True),  # no box: the answer block, normalised
+    ("countdown", "<answer>44+19+35</answer>", [[44, 19, 35], 98], "", True),
+    ("countdown", "\\boxed{44 \\times 2}", [[44, 2], 88], "", True),
+    ("countdown", "<answer>44+19</answer>", [[44, 19, 35], 98], "", False),
+    ("sudoku", "<answer>\n1432324141232314\n</answer>", "1432324141232314", "puzzle 1030020040000301", True),
+])
+def test_scoring_of_hand_written_generations(task, text, truth, question, correct):
+    assert E.score_generation(task, text, truth, question)["correct"] is correct
+
+
+def test_rescore_of_reference_format_files_aggregates_ranks_by_hand(tmp_path):
+    gsm = [{"question": "q1", "prompt_input": "p", "generations": "\\boxed{3}", "ground_truth": "3"},
+           {"question": "q2", "prompt_input": "p", "generations": "<answer>5</answer>", "ground_truth": "4"}]
+    gsm_r1 = [{"question": "q3", "prompt_input": "p", "generations": "\\boxed{1,000}", "ground_truth": "1000"}]
+    sud = [{"question": "Solve the following Sudoku puzzle: 1030020040000301", "prompt_input": "p",
+            "generations": "<answer>1432324141232314</answer>", "ground_truth": "1432324141232314"},
+           {"question": "Solve the following Sudoku puzzle: 1030020040000301", "prompt_input": "p",
+            "generations": "<answer>1232324141232314</answer>", "ground_truth": "1432324141232314"}]
+    files = []
+    for name, gens in [("gsm8k_256_rank0.json", gsm), ("gsm8k_256_rank1.json", gsm_r1), ("sudoku_128_rank0.json", sud)]:
+        (tmp_path / name).write_text(json.dumps({"generations": gens, "metrics": {}}))
+        files.append(str(tmp_path / name))
+    summary = E.rescore(files)
+    assert summary[("gsm8k", 256)]["n"] == 3 and summary[("gsm8k", 256)]["accuracy"] == pytest.approx(2 / 3)
+    # Sudoku: 10 blanks per puzzle; the second answer gets cell 1 wrong -> (10 + 9) / 20 cells, 1 of 2 solved
+    assert summary[("sudoku", 128)]["accuracy"] == pytest.approx(19 / 20)
+    assert summary[("sudoku", 128)]["solved"] == pytest.approx(0.5)
+
+
+def records(path):
+    drop = ("tokens_per_s",)
+    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in open(path)]
+
+
+def test_tiny_run_writes_jsonl_and_table_and_a_second_run_resumes(tmp_path, monkeypatch):
+    out = str(tmp_path / "ev")
+    E.main(TINY_EVAL + ["--task", "sudoku", "--out-dir", out])
+    E.main(TINY_EVAL + ["--task", "countdown", "--out-dir", out])
+    recs = records(os.path.join(out, "generations.jsonl"))
+    assert [(r["task"], r["idx"]) for r in recs] == [("countdown", i) for i in range(5)] + \
+        [("sudoku", i) for i in range(5)]
+    table = open(os.path.join(out, "summary.md")).read()
+    assert "| sudoku | 32 | 5 |" in table and "| countdown | 32 | 5 |" in table
+    calls = []
+    real = E.generate
+    monkeypatch.setattr(E, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    E.main(TINY_EVAL + ["--task", "sudoku", "--out-dir", out])
+    assert calls == []  # everything was already there
+    assert records(os.path.join(out, "generations.jsonl")) == recs
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_two_rank_gloo_run_gives_the_same_records_as_one_rank(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = TINY_EVAL + ["--task", "sudoku"]
+    one = subprocess.run([sys.executable, "eval.py"] + args + ["--out-dir", str(tmp_path / "one")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "eval.py"] + args + ["--out-dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert records(tmp_path / "one" / "generations.jsonl") == records(tmp_path / "two" / "generations.jsonl")
+
+
+def test_scores_do_not_depend_on_batch_size(tmp_path):
+    base = ["--model", "tiny", "--prompt-style", "d1", "--gen-length", "32", "--block-length", "16", "--limit", "5",
+            "--task", "sudoku"]
+    E.main(base + ["--batch-size", "1", "--out-dir", str(tmp_path / "b1")])
+    E.main(base + ["--batch-size", "5", "--out-dir", str(tmp_path / "b5")])
+    a, b = records(tmp_path / "b1" / "generations.jsonl"), records(tmp_path / "b5" / "generations.jsonl")
+    assert [r["generation"] for r in a] == [r["generation"] for r in b]
+    assert a[0]["prompt"].startswith("\nPlease solve the following 4x4 Sudoku puzzle.")
