@@ -526,8 +526,10 @@ def tiny_config(tokenizer=None, **overrides):
 def load_tokenizer(name_or_path):
     if name_or_path == "tiny":
         return tiny_tokenizer()
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path))
+    from transformers import PreTrainedTokenizerFast
+    # LLaDA ships a plain fast tokenizer (tokenizer.json). AutoTokenizer would read config.json, see the custom
+    # model_type 'llada' with its auto_map, and ask to run remote code; the tokenizer needs none.
+    tok = PreTrainedTokenizerFast.from_pretrained(resolve_model_dir(name_or_path))
     tok.padding_side = "left"  # prompts are left-padded so every completion starts at the same column
     return tok
 

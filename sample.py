@@ -37,6 +37,7 @@ class Generation:
     sequences: torch.Tensor  # (B, P + L) the final canvas, prompt included (left padding kept)
     completion: torch.Tensor  # (B, L) the generated part
     forward_passes: int  # model calls (a CFG call runs 2B rows but counts once)
+    full_passes: int  # calls that ran the whole canvas (with a prefix cache: one per block)
     query_tokens: int  # positions run through the transformer, summed over calls and rows
 
 
@@ -51,16 +52,18 @@ def transfer_schedule(num_masked, steps):
 def propose(logits, temperature, remasking, generator):
     """logits (B, L, V) -> proposals x0 (B, L) and their confidences (B, L), fp32.
 
-    temperature 0: x0 = argmax logits. Otherwise Gumbel-max in float64, exactly the reference formula
-        x0 = argmax exp(l) / (-log u)^T,  u ~ U(0, 1)   (the same as sampling from softmax(l / T))
-    float64 because exp(l) over a 126k vocabulary and (-log u)^T for u near 1 underflow in lower precision.
+    temperature 0: x0 = argmax logits. Otherwise Gumbel-max in float64 with the reference's noise:
+        x0 = argmax exp(l) / (-log u)^T = argmax  l - T log(-log u),   u ~ U(0, 1)
+    i.e. a sample from softmax(l / T). We take the log of the reference formula (log is monotone, so the argmax is
+    the same): two logs and a multiply instead of exp, pow and divide over (B, block, V) float64 numbers. float64
+    because -log u for u near 1 loses its digits in fp32.
     Confidence for 'low_confidence' remasking is the UN-noised softmax probability of the proposed token,
     p(x0) = exp(l[x0] - logsumexp(l)), computed in fp32 without materialising the softmax; 'random' remasking
     uses uniform random confidences instead."""
     if temperature > 0:
         l64 = logits.double()
         u = torch.rand(l64.shape, generator=generator, device=l64.device, dtype=torch.float64)
-        x0 = (l64.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+        x0 = (l64 - temperature * torch.log(-torch.log(u))).argmax(-1)
         del l64, u
     else:
         x0 = logits.argmax(-1)
@@ -137,12 +140,12 @@ def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_le
         [attention_mask.to(torch.long), attention_mask.new_ones((B, gen_length), dtype=torch.long)], dim=1)
     if cfg_scale > 0:  # classifier-free guidance runs cond and uncond rows in one batched call
         attn = None if attn is None else torch.cat([attn, attn])
-    passes, query_tokens = 0, 0
+    passes, full_passes, query_tokens = 0, 0, 0
 
     def logits_of(x, s, e, cache=None, want_kv=False):
         """Logits for canvas positions [s, e) (B, e - s, V), with CFG folded in:
         l = l_uncond + (w + 1)(l_cond - l_uncond), where the uncond canvas has the whole prompt masked."""
-        nonlocal passes, query_tokens
+        nonlocal passes, full_passes, query_tokens
         inp = x
         if cfg_scale > 0:
             un = x.clone()
@@ -152,6 +155,7 @@ def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_le
         out = model(inp[:, start:], attn, past_kv=cache, return_kv=want_kv, logits_slice=slice(s - start, e - start))
         logits, kv = out if want_kv else (out, None)
         passes += 1
+        full_passes += cache is None
         query_tokens += inp.shape[0] * (inp.shape[1] - start)
         if cfg_scale > 0:
             cond, uncond = logits.chunk(2)
@@ -193,7 +197,7 @@ def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_le
                 if not bool((block == mask_id).any()):
                     break
             step += 1
-    return Generation(x, x[:, P:], passes, query_tokens)
+    return Generation(x, x[:, P:], passes, full_passes, query_tokens)
 
 
 def completion_mask(completion, eos_id):
@@ -275,4 +279,4 @@ if __name__ == "__main__":
     for p, text in zip(prompts, decode_completions(tok, out.completion, model.cfg.eos_token_id)):
         print(f"### {p}\n{text}\n")
     print(f"{ids.shape[0]} x {args.gen_length} tokens in {dt:.2f}s ({ids.shape[0] * args.gen_length / dt:.1f} tok/s) | "
-          f"{out.forward_passes} forward passes | {out.query_tokens} query tokens")
+          f"{out.forward_passes} forward passes ({out.full_passes} full-canvas) | {out.query_tokens} query tokens")

@@ -169,7 +169,7 @@ def test_prefix_cache_runs_fewer_query_tokens_and_fills_the_canvas(tiny, tok):
     ids, mask = batch(tok, SAME_LEN)
     plain = S.generate(tiny, ids, mask, gen_length=64, block_length=16, steps=32)
     cached = S.generate(tiny, ids, mask, gen_length=64, block_length=16, steps=32, prefix_cache=True)
-    assert cached.forward_passes == plain.forward_passes
+    assert cached.forward_passes == plain.forward_passes and cached.full_passes == 4 and plain.full_passes == 32
     assert cached.query_tokens < 0.8 * plain.query_tokens
     assert not (cached.completion == tok.mask_token_id).any()
     # (no equality with exact mode: attention is bidirectional, so the prompt's keys/values in layers >= 2 depend
