@@ -11,7 +11,8 @@ echo "== 2. sampling from the (untrained) tiny model"
 python3 sample.py --model tiny --prompt "sudoku 1030020040000301" --gen-length 48 --block-length 16 --steps 24
 echo "== 3. a short masked SFT on generated Sudoku puzzles"
 python3 sft.py --model tiny --task sudoku --prompt-style compact --max-length 96 --train-n 4000 --eval-n 64 \
-  --batch-size 32 --micro-batch-size 32 --max-steps 300 --lr 3e-3 --warmup-steps 30 --eval-every 100 --out-dir $OUT/sft
+  --batch-size 32 --micro-batch-size 32 --max-steps 600 --lr 3e-3 --warmup-steps 50 --eval-every 200 --eps 0.2 \
+  --out-dir $OUT/sft
 echo "== 4. evaluation on held-out puzzles (solution grids never seen in training)"
 python3 eval.py --model $OUT/sft/final --task sudoku --prompt-style compact --gen-length 48 --block-length 16 \
   --limit 64 --batch-size 32 --out-dir $OUT/eval
