@@ -124,16 +124,6 @@ def atomic_dir(final):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def rng_state(*generators):
-    return {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
-
-
-def set_rng_state(state, *generators):
-    torch.set_rng_state(state["torch"])
-    for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
-
-
 class JsonlLog:
     """Append one JSON object per line (rank 0 only); opened per write so a crash never loses earlier lines."""
 

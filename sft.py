@@ -21,7 +21,6 @@ still learns to fill the rest with EOS) and truncate longer answers; the script 
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import time

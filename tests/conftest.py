@@ -92,3 +92,26 @@ def encode_chat(tok, texts):
     """Chat-templated prompts -> list of id lists."""
     return [tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False),
                 add_special_tokens=False)["input_ids"] for t in texts]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(script, args, nproc=1, timeout=600):
+    """Run a project script as a user would: `python script ...`, or `torchrun --nproc_per_node=N script ...`
+    (gloo on CPU). Returns the completed process; fails the test with the output tail if it did not exit 0."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+           if nproc > 1 else [sys.executable])
+    out = subprocess.run(cmd + [os.path.join(ROOT, script)] + list(args), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out

@@ -1,17 +1,11 @@
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
-import torch
 
 import eval as E
-import model as M
-import sample as S
+from conftest import launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_EVAL = ["--model", "tiny", "--prompt-style", "compact", "--gen-length", "32", "--block-length", "16",
              "--limit", "5", "--batch-size", "2"]
 
@@ -72,21 +66,10 @@ def test_tiny_run_writes_jsonl_and_table_and_a_second_run_resumes(tmp_path, monk
     assert records(os.path.join(out, "generations.jsonl")) == recs
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_two_rank_gloo_run_gives_the_same_records_as_one_rank(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = TINY_EVAL + ["--task", "sudoku"]
-    one = subprocess.run([sys.executable, "eval.py"] + args + ["--out-dir", str(tmp_path / "one")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "eval.py"] + args + ["--out-dir", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    launch("eval.py", args + ["--out-dir", str(tmp_path / "one")])
+    launch("eval.py", args + ["--out-dir", str(tmp_path / "two")], nproc=2)
     assert records(tmp_path / "one" / "generations.jsonl") == records(tmp_path / "two" / "generations.jsonl")
 
 

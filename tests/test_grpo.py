@@ -1,9 +1,5 @@
 import contextlib
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,8 +7,8 @@ import torch.nn.functional as F
 
 import diffu_grpo as D
 import model as M
+from conftest import launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RL = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
            "--gen-length", "32", "--block-length", "16", "--steps", "8", "--num-generations", "3",
            "--prompts-per-step", "1", "--micro-batch-size", "3", "--lora-r", "4", "--lr", "1e-3",
@@ -154,19 +150,9 @@ def test_ratio_is_exactly_one_with_mu_one():
     assert st["clipped"].item() == 0  # ratio == 1 exactly, so even an (absurd) 1e-9 clip range never clips
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_torchrun_two_ranks_gloo_stay_in_sync(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(ROOT, "diffu_grpo.py")] + TINY_RL + ["--num-iterations", "1", "--max-steps", "2",
-                                                          "--out-dir", str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = launch("diffu_grpo.py", TINY_RL + ["--num-iterations", "1", "--max-steps", "2", "--out-dir", str(tmp_path)],
+                 nproc=2)
     assert "ranks in sync: True" in out.stdout
     assert (tmp_path / "final" / "config.json").exists()
 

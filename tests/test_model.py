@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model as M
 from conftest import OFFICIAL_TINY_CONFIG, write_official_checkpoint

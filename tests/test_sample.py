@@ -122,7 +122,6 @@ def test_block_rule_and_commit_counts(tiny, tok):
     S.generate(spy, ids, mask, gen_length=L, block_length=Lb, steps=steps)
     spb = steps // (L // Lb)
     sched = S.transfer_schedule(Lb, spb)
-    prev_committed = 0
     for call, canvas in enumerate(spy.seen):
         b, i = divmod(call, spb)
         gen = canvas[:, P:]

@@ -1,8 +1,4 @@
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,8 +6,8 @@ import torch.nn.functional as F
 
 import model as M
 import sft
+from conftest import launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SFT = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
             "--train-n", "64", "--eval-n", "16", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
             "--warmup-steps", "2", "--eval-every", "0"]
@@ -55,19 +51,8 @@ def read_weights(path):
     return M.load_model(path).state_dict()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run(args, nproc=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-           if nproc > 1 else [sys.executable])
-    out = subprocess.run(cmd + [os.path.join(ROOT, "sft.py")] + args, cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = launch("sft.py", args, nproc)
     return out.stdout + out.stderr
 
 
