@@ -5,6 +5,7 @@ atomic checkpoint directories and JSONL logs. Nothing here is specific to diffus
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -154,7 +155,7 @@ def lr_lambda(warmup, total, schedule):
         if schedule == "constant":
             return 1.0
         frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - frac if schedule == "linear" else 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item())
+        return 1.0 - frac if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return f
 
 

@@ -84,8 +84,7 @@ def per_token_logps(model, prompt_ids, prompt_attn, completion_ids, pattern, mas
     out = []
     for i in range(0, B, micro_batch):
         sl = slice(i, i + micro_batch)
-        a = attn[sl] if not bool(attn[sl].all()) else None
-        logits = model(x[sl], a, logits_slice=slice(P, P + L)).float()  # (b, L, V)
+        logits = model(x[sl], attn[sl], logits_slice=slice(P, P + L)).float()  # (b, L, V); all-ones mask -> no mask
         # log_softmax(l)[o] = l[o] - logsumexp(l): no (b, L, V) log-prob tensor is materialised
         out.append(logits.gather(-1, completion_ids[sl, :, None]).squeeze(-1) - logits.logsumexp(-1))
     return torch.cat(out)
