@@ -90,6 +90,18 @@ def per_token_logps(model, prompt_ids, prompt_attn, completion_ids, pattern, mas
     return torch.cat(out)
 
 
+def per_token_logps_all(model, prompt_ids, prompt_attn, completion_ids, patterns, mask_id, micro_batch=None):
+    """The estimator for all mu patterns at once (mu, B, L): the mu masked copies of the batch are stacked into one
+    (mu * B)-row batch and run through per_token_logps in micro-batches. Same numbers as mu separate calls (each row
+    is computed independently), but with micro_batch > B a GPU sees fuller batches and the old/ref passes of a
+    rollout batch become mu * B / micro_batch forward calls instead of mu * ceil(B / micro_batch)."""
+    mu, B = patterns.shape[:2]
+    rep = lambda t: t.repeat(mu, *([1] * (t.dim() - 1)))  # (B, ...) -> (mu * B, ...), iteration-major
+    out = per_token_logps(model, rep(prompt_ids), rep(prompt_attn), rep(completion_ids), patterns.flatten(0, 1),
+                          mask_id, micro_batch)
+    return out.view(mu, B, -1)
+
+
 def group_advantages(rewards, G, scale=False):
     """rewards (N*G,) in groups of G consecutive completions -> A = r - mean(group) (d1), or divided by
     (std(group) + 1e-4) with scale=True (TRL's default). A group with identical rewards gets A = 0 exactly."""
@@ -172,17 +184,17 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, auto
     # 3.-4. Mask patterns, old and reference log-probs for all mu iterations, before any update.
     t0 = time.perf_counter()
     patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, args.p_mask_prompt)  # (mu, N, P)
-    est = lambda m, j: per_token_logps(m, prompt_ids, prompt_attn, completion, patterns[j], mask_id,
-                                       args.micro_batch_size)
+    est = lambda m: per_token_logps_all(m, prompt_ids, prompt_attn, completion, patterns, mask_id,
+                                        args.logp_batch_size or args.micro_batch_size)  # (mu, N, L)
     with torch.no_grad(), autocast:
-        old = [est(model, j) for j in range(mu)] if mu > 1 else None  # mu == 1: old = current, ratio exactly 1
+        old = est(model) if mu > 1 else None  # mu == 1: old = current, ratio exactly 1
     timings["old_logps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = [None] * mu
     if args.beta > 0:
         with torch.no_grad(), autocast, policy.ref_context():
-            ref = [est(policy.ref_model(), j) for j in range(mu)]
-        policy.ref_passes += mu
+            ref = est(policy.ref_model())
+        policy.ref_passes += mu  # counted in patterns (one (N, P + L) estimate each), however they are batched
     timings["ref_logps"] = time.perf_counter() - t0
 
     # 5. mu inner updates, one optimizer step each, pattern j for update j (all patterns used, whatever the
@@ -272,7 +284,10 @@ def get_args(argv=None):
     ap.add_argument("--p-mask-prompt", type=float, default=0.15, help="probability of masking each prompt token")
     ap.add_argument("--scale-rewards", action="store_true", help="divide advantages by the group std (TRL; d1: off)")
     ap.add_argument("--reward-weights", type=float, nargs="+", default=None, help="one weight per reward function")
-    ap.add_argument("--micro-batch-size", type=int, default=6, help="completions per forward in log-prob/update passes")
+    ap.add_argument("--micro-batch-size", type=int, default=6, help="completions per forward in the update passes")
+    ap.add_argument("--logp-batch-size", type=int, default=None,
+                    help="rows per forward in the no-grad old/ref passes, whose mu patterns are stacked into one "
+                         "batch (default: --micro-batch-size; no activations are kept, so it can be larger)")
     # Optimization
     ap.add_argument("--lr", type=float, default=3e-6, help="learning rate")
     ap.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"], help="after warmup")

@@ -50,6 +50,20 @@ def test_per_token_logps_equal_a_manual_log_softmax_gather(tiny):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_all_patterns_in_one_stacked_batch_equal_one_call_per_pattern(tiny):
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 100, (3, 9), generator=g)
+    attn = torch.ones_like(prompt)
+    attn[2, :3] = 0
+    completion = torch.randint(3, 100, (3, 6), generator=g)
+    pats = D.prompt_mask_patterns(g, 4, attn, 0.3)
+    want = torch.stack([D.per_token_logps(tiny, prompt, attn, completion, pats[j], tiny.cfg.mask_token_id)
+                        for j in range(4)])
+    for mb in (12, 5):  # all 4 x 3 rows at once, and micro-batches that straddle two patterns
+        got = D.per_token_logps_all(tiny, prompt, attn, completion, pats, tiny.cfg.mask_token_id, mb)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_loss_equals_a_hand_computation_with_clipping_on_both_sides_and_kl():
     eps, beta = 0.2, 0.1
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.1, -3.0]])
@@ -103,10 +117,10 @@ class Recorder(torch.nn.Module):
         return self.inner(ids, attention_mask, **kw)
 
 
-def run_one_batch(tiny, tok, mu, beta, G=3):
+def run_one_batch(tiny, tok, mu, beta, G=3, extra=()):
     M.apply_lora(tiny, 4, 8, generator=torch.Generator().manual_seed(0))
     args = D.get_args(TINY_RL + ["--num-iterations", str(mu), "--beta", str(beta), "--num-generations", str(G),
-                                 "--micro-batch-size", str(2 * G), "--p-mask-prompt", "0.3"])
+                                 "--micro-batch-size", str(2 * G), "--p-mask-prompt", "0.3", *extra])
     rec = Recorder(tiny, args.gen_length)
     params = [p for p in tiny.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -132,6 +146,17 @@ def test_old_ref_and_current_use_the_same_pattern_j_and_patterns_differ_between_
     assert not torch.equal(old[0][0], old[1][0])
     assert policy.ref_passes == mu
     assert opt.state[next(iter(opt.state))]["step"].item() == mu  # one optimizer step per inner iteration
+
+
+def test_logp_batch_size_stacks_the_old_and_reference_passes_of_all_iterations(tiny, tok):
+    mu, N = 3, 6
+    rec, policy, metrics, _ = run_one_batch(tiny, tok, mu=mu, beta=0.04, extra=["--logp-batch-size", str(mu * N)])
+    sizes = [ids.shape[0] for ids, _ in rec.calls]
+    assert sizes == [mu * N, mu * N] + [N] * mu  # old: 1 call, reference: 1 call, then mu update passes
+    old, ref, cur = rec.calls[0][0].view(mu, N, -1), rec.calls[1][0].view(mu, N, -1), rec.calls[2:]
+    for j in range(mu):
+        assert torch.equal(old[j], ref[j]) and torch.equal(old[j], cur[j][0])  # pattern j throughout
+    assert policy.ref_passes == mu and math.isfinite(metrics["loss"])
 
 
 def test_mu_one_has_ratio_exactly_one_and_beta_zero_makes_no_reference_pass(tiny, tok):
