@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from eval import read_generation_file, summarize  # noqa: E402
 from rewards import sudoku_reward_func  # noqa: E402
 
-ROWS = [("sft", "SFT"), ("sft_cont", "SFT continued (same wall-clock as RL)"), ("grpo", "SFT + diffu-GRPO")]
+ROWS = [("sft", "SFT"), ("sft_cont", "SFT continued (same labelled set)"), ("grpo", "SFT + diffu-GRPO")]
 
 
 def heldout_reward(records):
