@@ -36,13 +36,19 @@ def test_masked_input_masks_the_pattern_and_the_whole_completion():
     assert x[0, 3] == 2 and x[1, 7] == 2 and (x[:, :10] != 2).sum() == 18
 
 
-def test_per_token_logps_equal_a_manual_log_softmax_gather(tiny):
-    g = torch.Generator().manual_seed(0)
+def toy_rollouts(seed, mu, padded_row, pad):
+    """3 random prompts (9 tokens, one row left-padded by `pad`), their 6-token completions, mu mask patterns."""
+    g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, 100, (3, 9), generator=g)
     attn = torch.ones_like(prompt)
-    attn[1, :4] = 0
+    attn[padded_row, :pad] = 0
     completion = torch.randint(3, 100, (3, 6), generator=g)
-    pat = D.prompt_mask_patterns(g, 1, attn, 0.3)[0]
+    return prompt, attn, completion, D.prompt_mask_patterns(g, mu, attn, 0.3)
+
+
+def test_per_token_logps_equal_a_manual_log_softmax_gather(tiny):
+    prompt, attn, completion, pats = toy_rollouts(0, 1, padded_row=1, pad=4)
+    pat = pats[0]
     got = D.per_token_logps(tiny, prompt, attn, completion, pat, tiny.cfg.mask_token_id, micro_batch=2)
     x = D.masked_input(prompt, pat, 6, tiny.cfg.mask_token_id)
     full_attn = torch.cat([attn, torch.ones(3, 6, dtype=attn.dtype)], 1)
@@ -52,12 +58,7 @@ def test_per_token_logps_equal_a_manual_log_softmax_gather(tiny):
 
 
 def test_all_patterns_in_one_stacked_batch_equal_one_call_per_pattern(tiny):
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(3, 100, (3, 9), generator=g)
-    attn = torch.ones_like(prompt)
-    attn[2, :3] = 0
-    completion = torch.randint(3, 100, (3, 6), generator=g)
-    pats = D.prompt_mask_patterns(g, 4, attn, 0.3)
+    prompt, attn, completion, pats = toy_rollouts(1, 4, padded_row=2, pad=3)
     want = torch.stack([D.per_token_logps(tiny, prompt, attn, completion, pats[j], tiny.cfg.mask_token_id)
                         for j in range(4)])
     for mb in (12, 5):  # all 4 x 3 rows at once, and micro-batches that straddle two patterns
