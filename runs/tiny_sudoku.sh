@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # d1 on a laptop: the whole recipe with the tiny model on 4x4 Sudoku, through the real scripts, on CPU.
-#   1. sft.py        masked SFT on a small FIXED set of labelled puzzles, until the held-out score stops improving
+#   1. sft.py        masked SFT on a small FIXED set of labelled puzzles (its held-out loss is flat by step 750)
 #   2. diffu_grpo.py torchrun, 2 processes (gloo): RL from that checkpoint on FRESH puzzles, reward only
-#   3. sft.py        the control: the same SFT continued on the same labelled set for the RL stage's wall-clock
+#   3. sft.py        the control: the same SFT continued on the same labelled set (CONT_STEPS; see the timings)
 #   4. eval.py       all three on held-out puzzles whose solution grids were never seen in training
 #   5. runs/tiny_report.py  the table (report.md) and the reward curve
 # Every stage is seeded (SEED), so a rerun gives the same table; the timings are this machine's.
