@@ -271,6 +271,9 @@ def get_args(argv=None):
     ap.add_argument("--data-path", default=None, help="local dataset file/dir ('generate' for Countdown's generator)")
     ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's prompts or compact ones")
     ap.add_argument("--train-n", type=int, default=None, help="limit the training prompts")
+    ap.add_argument("--data-seed", type=int, default=None,
+                    help="seed of the generated training set (Sudoku, Countdown); default --seed. Give it a value "
+                         "other than SFT's to train RL on puzzles the SFT stage never saw")
     # Rollouts
     ap.add_argument("--num-generations", type=int, default=6, help="G: completions per prompt (one group)")
     ap.add_argument("--prompts-per-step", type=int, default=2,
@@ -336,7 +339,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps, args.lr_schedule))
 
-    ds = load_task(args.task, "train", args.data_path, args.prompt_style, n=args.train_n, seed=args.seed)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    ds = load_task(args.task, "train", args.data_path, args.prompt_style, n=args.train_n, seed=data_seed)
     per_batch = args.prompts_per_step * world
     batches_per_epoch = max(1, len(ds) // per_batch)
     n_batches = args.max_steps // args.num_iterations

@@ -14,7 +14,8 @@ attended and its scores change with the batch composition.)
     python eval.py --rescore out/eval/generations.jsonl d1_outputs/gsm8k_256_rank*.json    # no model needed
 
 Outputs in --out-dir: generations.rank{R}.jsonl while running (appended per batch, so a crash loses at most one
-batch; a rerun skips items already there), then generations.jsonl (all ranks merged) and summary.md.
+batch; a rerun skips items already there), then generations.jsonl (all ranks merged) and summary.md; run.json holds
+the settings, and a rerun with other settings into the same --out-dir is refused rather than silently mixed.
 """
 
 import argparse
@@ -140,9 +141,12 @@ def evaluate(model, tok, device, task, L, args, rank, world, out_dir):
         batch = [rows[i] for i in idx]
         ids, mask = encode_prompts(tok, [r["prompt"] for r in batch], device, prefill)
         t0 = time.perf_counter()
+        # Sampling noise (temperature > 0, random remasking) from a generator seeded by (--seed, first item of the
+        # batch): batches draw different noise, and a resumed run redraws exactly what the interrupted one drew.
+        g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + idx[0])
         out = generate(model, ids, mask, gen_length=L, block_length=min(args.block_length, L), steps=steps,
                        temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                       threshold=args.threshold, prefix_cache=args.prefix_cache)
+                       threshold=args.threshold, prefix_cache=args.prefix_cache, generator=g)
         dt = time.perf_counter() - t0
         eos = model.cfg.eos_token_id
         texts = decode_completions(tok, out.completion, eos)
@@ -176,6 +180,30 @@ def merge(out_dir):
     return summary
 
 
+# What decides the generations. A rerun into an out-dir that holds generations skips the items already there (that
+# is how an interrupted run resumes), so those items must come from the same model and settings.
+RUN_KEYS = ("model", "adapter", "dtype", "data_path", "prompt_style", "prefill", "data_seed", "block_length", "steps",
+            "temperature", "cfg_scale", "remasking", "threshold", "prefix_cache", "seed")
+
+
+def check_run_config(args, rank):
+    """Write OUT_DIR/run.json, or refuse to resume into an out-dir whose generations came from other settings."""
+    path = os.path.join(args.out_dir, "run.json")
+    cfg = {k: getattr(args, k) for k in RUN_KEYS}
+    if os.path.exists(path):
+        old = json.load(open(path))
+        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{args.out_dir} holds generations from other settings ({diff}, as (there, now)); "
+                             "a rerun there would reuse them. Pass a new --out-dir, or delete that one.")
+    elif rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=1)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="d1 evaluation: generate, score, summarise; or --rescore saved files.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -189,6 +217,7 @@ def get_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call per rank")
     add_sampling_args(ap, gen_length=[128, 256, 512], block_length=32, steps=None, temperature=0.0,
                       several_lengths=True)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (with --temperature > 0)")
     ap.add_argument("--out-dir", default="out/eval", help="where generations and summary go")
     ap.add_argument("--rescore", nargs="+", default=None, metavar="FILE",
                     help="re-score saved generations (our .jsonl or the reference's .json) and exit; no model")
@@ -202,8 +231,8 @@ def main(argv=None):
         print(markdown_table(summary))
         return summary
     rank, local_rank, world, device = compute_init(args.device)
+    check_run_config(args, rank)
     model, tok, device = setup_model(args, local_rank)
-    os.makedirs(args.out_dir, exist_ok=True)
     with torch.no_grad():
         for task in EVAL_TASKS if args.task == "all" else [args.task]:
             for L in args.gen_length:

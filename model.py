@@ -259,6 +259,9 @@ def resolve_model_dir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
         raise ValueError(f"--model {name_or_path!r} is a file; pass the checkpoint DIRECTORY (config.json + safetensors)")
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:  # a path, not an org/name id
+        raise FileNotFoundError(f"--model {name_or_path!r}: no such directory (a local checkpoint directory, or a hub "
+                                "id such as GSAI-ML/LLaDA-8B-Instruct)")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"])

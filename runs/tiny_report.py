@@ -1,5 +1,5 @@
 """
-The table and reward curve of runs/tiny_sudoku.sh: reads what the real scripts wrote (eval.py's generations.jsonl,
+The table and reward curve of runs/tiny_sudoku.sh: reads what the real scripts wrote (eval.py's generations.jsonl, greedy and sampled,
 diffu_grpo.py's and sft.py's metrics.jsonl, the stage timings) and prints + writes report.md (and reward.png when
 matplotlib is installed; a text chart otherwise).
 
@@ -52,20 +52,23 @@ def smooth(ys, k=5):
 def main(out):
     with open(os.path.join(out, "timings.json")) as f:
         info = json.load(f)
-    lines = ["| model | held-out solve rate % | cell accuracy % | held-out mean reward | stage wall-clock (s) |",
-             "|---|---|---|---|---|"]
+    lines = ["| model | solve rate % (greedy) | cell accuracy % (greedy) | mean reward, greedy | "
+             "mean reward, sampled as in RL | stage wall-clock (s) |", "|---|---|---|---|---|---|"]
     results = {}
     for key, name in ROWS:
         recs = read_generation_file(os.path.join(out, f"eval_{key}", "generations.jsonl"))
+        sampled = read_generation_file(os.path.join(out, f"eval_sampled_{key}", "generations.jsonl"))
         s = next(iter(summarize(recs).values()))
-        results[key] = dict(solved=s["solved"], accuracy=s["accuracy"], reward=heldout_reward(recs), n=s["n"])
-        lines.append(f"| {name} | {100 * s['solved']:.1f} | {100 * s['accuracy']:.1f} | "
-                     f"{results[key]['reward']:.3f} | {info.get(key, float('nan')):.0f} |")
+        results[key] = dict(solved=s["solved"], accuracy=s["accuracy"], reward=heldout_reward(recs),
+                            sampled_reward=heldout_reward(sampled), n=s["n"])
+        lines.append(f"| {name} | {100 * s['solved']:.1f} | {100 * s['accuracy']:.1f} | {results[key]['reward']:.3f} | "
+                     f"{results[key]['sampled_reward']:.3f} | {info.get(key, float('nan')):.0f} |")
     table = "\n".join(lines)
     n = results["sft"]["n"]
-    header = (f"Held-out: {n} puzzles on the 48 solution grids never used for training (data/sudoku.py split), "
-              f"greedy decoding. Seeds: {info.get('seeds', '')}. Total wall-clock {info.get('total', 0):.0f} s "
-              f"on {info.get('machine', '?')}.")
+    header = (f"Held-out: {n} puzzles on the 48 solution grids never used for training (data/sudoku.py split). "
+              f"Greedy: 24 denoising steps, blocks of 16. Sampled as in RL: one denoising step, temperature 1 (the "
+              f"policy diffu-GRPO trains). Seeds: {info.get('seeds', '')}. Total wall-clock "
+              f"{info.get('total', 0):.0f} s on {info.get('machine', '?')}.")
     grpo = read_jsonl(os.path.join(out, "grpo", "metrics.jsonl"))
     xs = [m["batch"] for m in grpo]
     ys = smooth([m["reward"] for m in grpo])

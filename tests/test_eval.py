@@ -81,3 +81,19 @@ def test_scores_do_not_depend_on_batch_size(tmp_path):
     a, b = records(tmp_path / "b1" / "generations.jsonl"), records(tmp_path / "b5" / "generations.jsonl")
     assert [r["generation"] for r in a] == [r["generation"] for r in b]
     assert a[0]["prompt"].startswith("\nPlease solve the following 4x4 Sudoku puzzle.")
+
+
+def test_a_rerun_with_other_settings_into_the_same_out_dir_is_refused(tmp_path):
+    out = str(tmp_path / "ev")
+    E.main(TINY_EVAL + ["--task", "sudoku", "--out-dir", out])
+    with pytest.raises(SystemExit, match="other settings"):  # it would otherwise report the first run's items
+        E.main(TINY_EVAL + ["--task", "sudoku", "--temperature", "1.0", "--out-dir", out])
+
+
+def test_sampled_evaluation_is_reproducible_per_seed(tmp_path):
+    def gens(seed, name):
+        E.main(TINY_EVAL + ["--task", "sudoku", "--temperature", "1.0", "--seed", str(seed),
+                            "--out-dir", str(tmp_path / name)])
+        return [r["generation"] for r in records(tmp_path / name / "generations.jsonl")]
+    a = gens(0, "a")
+    assert gens(0, "b") == a and gens(1, "c") != a

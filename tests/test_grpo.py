@@ -211,28 +211,30 @@ def blank_cell_probability(model, tok, rows):
 
 
 @pytest.mark.slow
-def test_policy_gradient_raises_the_expected_reward_of_the_rollout_policy(tmp_path):
-    """End to end through the real scripts: a brief SFT (600 steps on 256 labelled puzzles: the answer format, and
-    blank cells a little above chance), then
-    diffu_grpo.py on 16 fixed training puzzles with one-step decoding (--steps 1), where the one-step estimator IS
-    the sampler's likelihood (--p-mask-prompt 0). The policy's expected reward on those puzzles must rise clearly.
-    (This checks that the gradient estimator, advantages, clipping and optimizer steps push the policy the right
-    way; generalisation to held-out puzzles is runs/tiny_sudoku.sh's question.)"""
+def test_diffu_grpo_on_fresh_puzzles_raises_the_held_out_expected_reward(tmp_path):
+    """It learns, end to end through the real scripts. A brief SFT (600 steps on 256 labelled puzzles: the answer
+    format, and blank cells a little above chance), then diffu_grpo.py for 40 rollout batches on FRESH training
+    puzzles (--data-seed 1, never seen by SFT) with one-step decoding (--steps 1, where the one-step estimator IS the
+    sampler's likelihood, with --p-mask-prompt 0) at temperature 1. Measured on held-out puzzles whose solution grids
+    were never seen in training: the policy's expected reward (blank_cell_probability, no sampling noise) must rise
+    clearly. Measured by hand: 0.304 -> 0.348. What it does not show: the GREEDY answer barely moves (35.4% -> 35.6%
+    of cells); at this scale RL sharpens the distribution towards what the model already ranks first (README,
+    "d1 on a laptop")."""
     from data import load_task
     launch("sft.py", ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "96",
                       "--train-n", "256", "--eval-n", "16", "--batch-size", "32", "--micro-batch-size", "32",
                       "--max-steps", "600", "--lr", "3e-3", "--warmup-steps", "50", "--eval-every", "0", "--eps", "0.2",
                       "--out-dir", str(tmp_path / "sft")])
     launch("diffu_grpo.py", ["--model", str(tmp_path / "sft" / "final"), "--task", "sudoku", "--prompt-style",
-                             "compact", "--train-n", "16", "--prompts-per-step", "16", "--num-generations", "8",
+                             "compact", "--data-seed", "1", "--prompts-per-step", "16", "--num-generations", "8",
                              "--gen-length", "48", "--block-length", "48", "--steps", "1", "--temperature", "1.0",
-                             "--p-mask-prompt", "0", "--lora-r", "0", "--beta", "0", "--num-iterations", "4",
+                             "--p-mask-prompt", "0", "--lora-r", "0", "--beta", "0", "--num-iterations", "1",
                              "--lr", "1e-4", "--max-grad-norm", "1.0", "--weight-decay", "0",
-                             "--micro-batch-size", "128", "--max-steps", "32", "--sample-every", "0",
+                             "--micro-batch-size", "128", "--max-steps", "40", "--sample-every", "0",
                              "--out-dir", str(tmp_path / "grpo")])
-    rows = [load_task("sudoku", "train", style="compact", n=16, seed=0)[i] for i in range(16)]
-    before = blank_cell_probability(M.load_model(str(tmp_path / "sft" / "final")), M.tiny_tokenizer(), rows)
-    after = blank_cell_probability(M.load_model(str(tmp_path / "grpo" / "final")), M.tiny_tokenizer(), rows)
+    held_out = list(load_task("sudoku", "test", style="compact", n=128))
+    before = blank_cell_probability(M.load_model(str(tmp_path / "sft" / "final")), M.tiny_tokenizer(), held_out)
+    after = blank_cell_probability(M.load_model(str(tmp_path / "grpo" / "final")), M.tiny_tokenizer(), held_out)
     rewards = [json.loads(line)["reward"] for line in open(tmp_path / "grpo" / "metrics.jsonl")]
-    assert after > before + 0.03, (before, after, rewards)
-    assert sum(rewards[-2:]) > sum(rewards[:2]), rewards
+    assert after > before + 0.025, (before, after, rewards)
+    assert sum(rewards[-5:]) > sum(rewards[:5]), rewards  # the training reward (fresh puzzles each batch) rose too

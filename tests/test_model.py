@@ -53,6 +53,11 @@ def test_unreachable_hub_id_fails_with_a_message_naming_it_and_the_local_path_fl
         M.load_model("someone/not-cached-model")
 
 
+def test_a_missing_local_directory_is_reported_as_such_not_as_a_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        M.load_model(str(tmp_path / "out" / "final"))
+
+
 def test_attention_is_bidirectional(tiny):
     ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(1))
     other = ids.clone()
