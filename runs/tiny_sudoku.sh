@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # d1 on a laptop: the whole recipe with the tiny model on 4x4 Sudoku, through the real scripts, on CPU.
-#   1. sft.py        masked SFT on a small FIXED set of labelled puzzles (256; its held-out loss is flat from step
-#                    ~450 to ~900, see README "d1 on a laptop")
+#   1. sft.py        masked SFT on a small FIXED set of labelled puzzles (256 puzzles, 600 steps; its held-out loss is
+#                    still falling at the end: converging takes longer than this budget, see README "d1 on a laptop")
 #   2. diffu_grpo.py torchrun, 2 processes (gloo): RL from that checkpoint on FRESH puzzles (--data-seed), reward only
 #   3. sft.py        the control: the same SFT continued on the same labelled set (CONT_STEPS, about RL's wall-clock)
 #   4. eval.py       all three on held-out puzzles whose solution grids were never seen in training, twice: greedy
