@@ -191,7 +191,8 @@ def check_run_config(args, rank):
     path = os.path.join(args.out_dir, "run.json")
     cfg = {k: getattr(args, k) for k in RUN_KEYS}
     if os.path.exists(path):
-        old = json.load(open(path))
+        with open(path) as f:
+            old = json.load(f)
         diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
         if diff:
             raise SystemExit(f"{args.out_dir} holds generations from other settings ({diff}, as (there, now)); "

@@ -1,7 +1,7 @@
 """
-The table and reward curve of runs/tiny_sudoku.sh: reads what the real scripts wrote (eval.py's generations.jsonl, greedy and sampled,
-diffu_grpo.py's and sft.py's metrics.jsonl, the stage timings) and prints + writes report.md (and reward.png when
-matplotlib is installed; a text chart otherwise).
+The table and reward curve of runs/tiny_sudoku.sh: reads what the real scripts wrote (eval.py's generations.jsonl,
+greedy and sampled; diffu_grpo.py's metrics.jsonl; the stage timings) and prints + writes report.md (and reward.png
+when matplotlib is installed; a text chart otherwise).
 
     python runs/tiny_report.py OUT_DIR
 """
