@@ -159,7 +159,7 @@ def bench_logprob_and_grpo(model, tok, args, device, sections):
     return out
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS), help="model size")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -179,7 +179,7 @@ def main():
     ap.add_argument("--lora-r", type=int, default=128, help="LoRA rank in the GRPO step")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="append the tables to this markdown file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
