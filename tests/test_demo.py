@@ -5,8 +5,7 @@ import subprocess
 import pytest
 
 import model as M
-from conftest import free_port
-from test_grpo import blank_cell_probability
+from conftest import blank_cell_probability, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import diffu_grpo as D
 import model as M
-from conftest import launch
+from conftest import blank_cell_probability, launch
 
 TINY_RL = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
            "--gen-length", "32", "--block-length", "16", "--steps", "8", "--num-generations", "3",
@@ -193,21 +193,6 @@ def test_defaults_are_d1s_published_recipe():
     assert tuple(a.adam_betas) == (0.9, 0.99) and a.weight_decay == 0.1 and a.max_grad_norm == 0.2
     g = D.get_args(["--task", "gsm8k"])
     assert g.num_iterations == 12 and g.temperature == 0.9 and len(g.reward_fns) == 5
-
-
-def blank_cell_probability(model, tok, rows):
-    """Mean probability the one-shot policy (completion fully masked, prompt intact) puts on the right digit of each
-    blank cell: with --steps 1 the sampler draws every cell from exactly these marginals, so this is the policy's
-    expected Sudoku reward (given a well-formed answer), computed without sampling noise."""
-    ids = torch.tensor([tok(tok.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
-                        for r in rows])
-    P = ids.shape[1]
-    x = torch.cat([ids, torch.full((len(rows), 48), model.cfg.mask_token_id)], 1)
-    with torch.no_grad():
-        probs = model(x)[:, P:].softmax(-1)
-    got = [probs[b, len("<answer>") + i, tok.convert_tokens_to_ids(s)].item()
-           for b, r in enumerate(rows) for i, (c, s) in enumerate(zip(r["puzzle"], r["solution"])) if c == "0"]
-    return sum(got) / len(got)
 
 
 @pytest.mark.slow
