@@ -48,7 +48,7 @@ import model as M
 from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, broadcast_params,
                     compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint, lr_lambda, print0,
                     resolve_dtype, save_checkpoint)
-from data import load_task
+from data import add_sudoku_args, load_task, sudoku_kwargs
 from rewards import REWARDS
 from sample import add_sampling_args, completion_mask, decode_completions, generate, pad_left
 
@@ -274,6 +274,7 @@ def get_args(argv=None):
     ap.add_argument("--data-seed", type=int, default=None,
                     help="seed of the generated training set (Sudoku, Countdown); default --seed. Give it a value "
                          "other than SFT's to train RL on puzzles the SFT stage never saw")
+    add_sudoku_args(ap)
     # Rollouts
     ap.add_argument("--num-generations", type=int, default=6, help="G: completions per prompt (one group)")
     ap.add_argument("--prompts-per-step", type=int, default=2,
@@ -340,7 +341,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps, args.lr_schedule))
 
     data_seed = args.seed if args.data_seed is None else args.data_seed
-    ds = load_task(args.task, "train", args.data_path, args.prompt_style, n=args.train_n, seed=data_seed)
+    ds = load_task(args.task, "train", args.data_path, args.prompt_style, n=args.train_n, seed=data_seed,
+                   **sudoku_kwargs(args.task, args))
     per_batch = args.prompts_per_step * world
     batches_per_epoch = max(1, len(ds) // per_batch)
     n_batches = args.max_steps // args.num_iterations

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import add_model_args, compute_cleanup, compute_init, print0, setup_model
-from data import EVAL_PREFILL, TASKS, load_task
+from data import EVAL_PREFILL, TASKS, add_sudoku_args, load_task, sudoku_kwargs
 from rewards import score
 from sample import add_sampling_args, completion_mask, decode_completions, encode_prompts, generate
 
@@ -128,7 +128,8 @@ def rescore(paths, task=None):
 
 def evaluate(model, tok, device, task, L, args, rank, world, out_dir):
     """Generate and score this rank's share of one (task, gen_length) setup, appending to its JSONL file."""
-    rows = load_task(task, "test", args.data_path, args.prompt_style, n=args.limit, seed=args.data_seed)
+    rows = load_task(task, "test", args.data_path, args.prompt_style, n=args.limit, seed=args.data_seed,
+                     **sudoku_kwargs(task, args))
     path = os.path.join(out_dir, f"generations.rank{rank}.jsonl")
     done = {(r["task"], r["gen_length"], r["idx"]) for p in glob.glob(os.path.join(out_dir, "generations*.jsonl"))
             for r in read_generation_file(p)}
@@ -182,8 +183,8 @@ def merge(out_dir):
 
 # What decides the generations. A rerun into an out-dir that holds generations skips the items already there (that
 # is how an interrupted run resumes), so those items must come from the same model and settings.
-RUN_KEYS = ("model", "adapter", "dtype", "data_path", "prompt_style", "prefill", "data_seed", "block_length", "steps",
-            "temperature", "cfg_scale", "remasking", "threshold", "prefix_cache", "seed")
+RUN_KEYS = ("model", "adapter", "dtype", "data_path", "prompt_style", "prefill", "data_seed", "blanks", "block_length",
+            "steps", "temperature", "cfg_scale", "remasking", "threshold", "prefix_cache", "seed")
 
 
 def check_run_config(args, rank):
@@ -215,6 +216,7 @@ def get_args(argv=None):
     ap.add_argument("--prefill", default=None, help="text after the assistant header (default '<reasoning>' for d1)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (default: d1's sizes)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of generated test sets (Sudoku, Countdown)")
+    add_sudoku_args(ap)
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call per rank")
     add_sampling_args(ap, gen_length=[128, 256, 512], block_length=32, steps=None, temperature=0.0,
                       several_lengths=True)

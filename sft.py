@@ -32,7 +32,7 @@ from tqdm import tqdm
 import model as M
 from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, broadcast_params,
                     compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint, lr_lambda, print0, resolve_dtype, save_checkpoint)
-from data import load_task
+from data import add_sudoku_args, load_task, sudoku_kwargs
 
 EVAL_NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed t's for the held-out loss, so it is comparable across steps
 
@@ -129,6 +129,7 @@ def get_args(argv=None):
     ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's exact prompts or the compact ones")
     ap.add_argument("--train-n", type=int, default=None, help="number of training examples (generated tasks: how many)")
     ap.add_argument("--eval-n", type=int, default=64, help="held-out examples for the fixed-noise loss")
+    add_sudoku_args(ap)
     ap.add_argument("--max-length", type=int, default=4096, help="canvas length: prompt + answer, EOS-padded (tokens)")
     # Optimization
     ap.add_argument("--epochs", type=float, default=20, help="passes over the training set (d1: 20)")
@@ -183,9 +184,11 @@ def main(argv=None):
 
     # Data. Held-out examples: the test split for generated tasks (Sudoku: unseen solution grids), else the tail.
     n_total = None if args.train_n is None else args.train_n + (0 if args.task in ("sudoku", "countdown") else args.eval_n)
-    rows = load_task(args.task, "train", args.data_path, args.prompt_style, n=n_total, seed=args.seed)
+    gen_kw = sudoku_kwargs(args.task, args)
+    rows = load_task(args.task, "train", args.data_path, args.prompt_style, n=n_total, seed=args.seed, **gen_kw)
     if args.task in ("sudoku", "countdown"):
-        held = load_task(args.task, "test", None, args.prompt_style, n=args.eval_n, seed=args.seed, purpose="train")
+        held = load_task(args.task, "test", None, args.prompt_style, n=args.eval_n, seed=args.seed, purpose="train",
+                         **gen_kw)
     else:
         held, rows = rows.select(range(len(rows) - args.eval_n, len(rows))), rows.select(range(len(rows) - args.eval_n))
     ids, plens, n_trunc = tokenize_examples(tok, rows, args.max_length, eos_id)

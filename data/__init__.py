@@ -46,6 +46,18 @@ TASKS = ("gsm8k", "math", "countdown", "sudoku", "s1k")
 EVAL_SIZE = {"countdown": 256, "sudoku": 256}  # d1 evaluates 256 items of each; GSM8K and MATH500 in full
 
 
+def add_sudoku_args(ap):
+    """The generator's difficulty knob, shared by sft.py, diffu_grpo.py and eval.py (train and test must agree)."""
+    ap.add_argument("--blanks", type=int, nargs=2, default=[6, 10], metavar=("MIN", "MAX"),
+                    help="generated Sudoku: blank cells per puzzle, uniform in [MIN, MAX] (fewer = easier; a puzzle "
+                         "is solved only if every blank is right)")
+
+
+def sudoku_kwargs(task, args):
+    """load_task keyword arguments from add_sudoku_args' flags (none for other tasks)."""
+    return dict(min_blanks=args.blanks[0], max_blanks=args.blanks[1]) if task == "sudoku" else {}
+
+
 def user(content):
     return [{"role": "user", "content": content}]
 

@@ -65,10 +65,13 @@ def main(out):
                      f"{results[key]['sampled_reward']:.3f} | {info.get(key, float('nan')):.0f} |")
     table = "\n".join(lines)
     n = results["sft"]["n"]
-    header = (f"Held-out: {n} puzzles on the 48 solution grids never used for training (data/sudoku.py split). "
-              f"Greedy: 24 denoising steps, blocks of 16. Sampled as in RL: one denoising step, temperature 1 (the "
-              f"policy diffu-GRPO trains). Seeds: {info.get('seeds', '')}. Total wall-clock "
-              f"{info.get('total', 0):.0f} s on {info.get('machine', '?')}.")
+    with open(os.path.join(out, "eval_sft", "run.json")) as f:
+        run = json.load(f)  # eval.py's settings: the blank range and the decoding
+    header = (f"Held-out: {n} puzzles with {run['blanks'][0]}-{run['blanks'][1]} blanks on the 48 solution grids never "
+              f"used for training (data/sudoku.py split). Decoding: {run['steps']} denoising step(s), blocks of "
+              f"{run['block_length']} tokens; greedy (temperature 0), and sampled at temperature 1 as in RL (the policy "
+              f"diffu-GRPO trains). Seeds: {info.get('seeds', '')}. Total wall-clock {info.get('total', 0):.0f} s "
+              f"on {info.get('machine', '?')}.")
     grpo = read_jsonl(os.path.join(out, "grpo", "metrics.jsonl"))
     xs = [m["batch"] for m in grpo]
     ys = smooth([m["reward"] for m in grpo])

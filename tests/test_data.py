@@ -114,3 +114,18 @@ def test_missing_hub_dataset_fails_at_once_naming_the_hub_id_and_the_flag(monkey
 def test_bad_task_name_is_rejected():
     with pytest.raises(ValueError, match="choose one of"):
         load_task("chess")
+
+
+def test_blanks_flag_reaches_the_generator_for_sudoku_only():
+    """--blanks MIN MAX (shared by sft.py, diffu_grpo.py and eval.py) sets the generated puzzles' difficulty."""
+    import argparse
+    from data import add_sudoku_args, sudoku_kwargs
+    ap = argparse.ArgumentParser()
+    add_sudoku_args(ap)
+    args = ap.parse_args(["--blanks", "3", "4"])
+    assert sudoku_kwargs("countdown", args) == {}
+    rows = load_task("sudoku", "test", style="compact", n=40, **sudoku_kwargs("sudoku", args))
+    assert {r["puzzle"].count("0") for r in rows} == {3, 4}
+    default = ap.parse_args([])
+    rows = load_task("sudoku", "test", style="compact", n=40, **sudoku_kwargs("sudoku", default))
+    assert min(r["puzzle"].count("0") for r in rows) >= 6 and max(r["puzzle"].count("0") for r in rows) <= 10
