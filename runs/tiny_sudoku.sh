@@ -26,7 +26,7 @@ SEED=${SEED:-0}
 SFT_N=${SFT_N:-64}             # the fixed labelled set
 SFT_STEPS=${SFT_STEPS:-600}
 RL_BATCHES=${RL_BATCHES:-200}  # rollout batches of 2 ranks x 8 prompts x G=8 (mu = 1: one optimizer step each)
-CONT_STEPS=${CONT_STEPS:-1200} # SFT-continued steps (about the RL stage's wall-clock on a 2-core CPU; see timings)
+CONT_STEPS=${CONT_STEPS:-1100} # SFT-continued steps (about the RL stage's wall-clock on a 2-core CPU; see timings)
 EVAL_N=${EVAL_N:-1024}
 PY=${PYTHON:-python3}
 mkdir -p $OUT
