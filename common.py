@@ -159,9 +159,10 @@ def lr_lambda(warmup, total, schedule):
     return f
 
 
-def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta):
+def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta, extra=None):
     """A resumable checkpoint, written atomically: the trainable weights (the LoRA adapter alone, or the full
-    model in the official layout), optimizer and scheduler state, and meta.json (args, step, metrics)."""
+    model in the official layout), optimizer and scheduler state, meta.json (args, step, metrics) and, if given,
+    extra.pt (other tensors a trainer must restore, e.g. sft.py's best weights for early stopping)."""
     if not is_main():
         return
     with atomic_dir(path) as tmp:
@@ -171,6 +172,8 @@ def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta):
             M.save_model(model, tmp, tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    os.path.join(tmp, "trainer_state.pt"))
+        if extra is not None:
+            torch.save(extra, os.path.join(tmp, "extra.pt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2, default=str)
 

@@ -82,6 +82,20 @@ def sft_loss(model, ids, prompt_lens, mask_id, t, u, eps=1e-3):
     return (per_token.sum(1) / answer_len).mean()
 
 
+def batch_for(step, batch_size, n, seed):
+    """Indices of global step `step`'s batch: the training set is read as a stream of seeded permutations (one per
+    epoch) cut into consecutive batches, so a batch may span two epochs and any batch size works with any set size
+    (even a set smaller than one batch). A function of the step alone, so a resumed run reads the same data."""
+    idx, pos = [], step * batch_size
+    while len(idx) < batch_size:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        take = perm[off:off + batch_size - len(idx)]
+        idx += take.tolist()
+        pos += len(take)
+    return torch.tensor(idx)
+
+
 def noise_for(step, seed, n, T):
     """The noise of global step `step` for its n examples: a generator seeded from (seed, step) alone, so every
     rank draws the same numbers for the whole global batch (each takes its slice) and a resumed run draws
@@ -113,6 +127,30 @@ def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast):
 # -----------------------------------------------------------------------------
 
 
+def load_data(args):
+    """(training rows, held-out rows). The held-out (validation) rows never come from the test split, because the
+    held-out loss picks the model (--patience) and evaluation must not. They are the tail of the training rows,
+    except for generated Sudoku: there they are fresh puzzles on training-split grids that no labelled puzzle uses
+    (a puzzle on a memorised grid would flatter the loss)."""
+    sudoku = args.task == "sudoku" and args.data_path in (None, "generate")
+    n_total = None if args.train_n is None else args.train_n + (0 if sudoku else args.eval_n)
+    gen_kw = sudoku_kwargs(args.task, args)
+    rows = load_task(args.task, "train", args.data_path, args.prompt_style, n=n_total, seed=args.seed, **gen_kw)
+    if sudoku:
+        seen, labelled = set(rows["solution"]), set(rows["puzzle"])
+        pool = load_task("sudoku", "train", None, args.prompt_style, n=max(1000, 20 * args.eval_n),
+                         seed=args.seed + 1_000_003, **gen_kw)
+        held = pool.filter(lambda r: r["solution"] not in seen)
+        if len(held) < args.eval_n:  # a large labelled set uses every training grid: settle for unseen puzzles
+            print0(f"note: the {len(rows)} labelled puzzles use {len(seen)} grids, leaving too few for validation;"
+                   f" validating on new puzzles of seen grids")
+            held = pool.filter(lambda r: r["puzzle"] not in labelled)
+        held = held.select(range(min(args.eval_n, len(held))))
+    else:
+        held, rows = rows.select(range(len(rows) - args.eval_n, len(rows))), rows.select(range(len(rows) - args.eval_n))
+    return rows, held
+
+
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Masked SFT of LLaDA (d1 stage 1).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -128,7 +166,8 @@ def get_args(argv=None):
     ap.add_argument("--data-path", default=None, help="local dataset file/directory instead of the hub")
     ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's exact prompts or the compact ones")
     ap.add_argument("--train-n", type=int, default=None, help="number of training examples (generated tasks: how many)")
-    ap.add_argument("--eval-n", type=int, default=64, help="held-out examples for the fixed-noise loss")
+    ap.add_argument("--eval-n", type=int, default=64, help="held-out validation examples for the fixed-noise loss "
+                    "(never test-split ones: see main())")
     add_sudoku_args(ap)
     ap.add_argument("--max-length", type=int, default=4096, help="canvas length: prompt + answer, EOS-padded (tokens)")
     # Optimization
@@ -147,6 +186,10 @@ def get_args(argv=None):
     # Logging and checkpoints
     ap.add_argument("--out-dir", default="out/sft", help="checkpoints, final export and metrics.jsonl go here")
     ap.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0 = only at the end)")
+    ap.add_argument("--patience", type=int, default=0,
+                    help="early stopping: stop once the held-out loss has not improved for this many evaluations "
+                         "(every --eval-every steps) and export the weights of the best evaluation (0 = off; keeps "
+                         "a CPU copy of the trainable weights)")
     ap.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (0 = off)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     ap.add_argument("--halt-after", type=int, default=None,
@@ -182,20 +225,11 @@ def main(argv=None):
     broadcast_params(params, world)
     mask_id, eos_id = model.cfg.mask_token_id, model.cfg.eos_token_id
 
-    # Data. Held-out examples: the test split for generated tasks (Sudoku: unseen solution grids), else the tail.
-    n_total = None if args.train_n is None else args.train_n + (0 if args.task in ("sudoku", "countdown") else args.eval_n)
-    gen_kw = sudoku_kwargs(args.task, args)
-    rows = load_task(args.task, "train", args.data_path, args.prompt_style, n=n_total, seed=args.seed, **gen_kw)
-    if args.task in ("sudoku", "countdown"):
-        held = load_task(args.task, "test", None, args.prompt_style, n=args.eval_n, seed=args.seed, purpose="train",
-                         **gen_kw)
-    else:
-        held, rows = rows.select(range(len(rows) - args.eval_n, len(rows))), rows.select(range(len(rows) - args.eval_n))
+    rows, held = load_data(args)
     ids, plens, n_trunc = tokenize_examples(tok, rows, args.max_length, eos_id)
     eval_ids, eval_plens, _ = tokenize_examples(tok, held, args.max_length, eos_id)
     N, T = ids.shape
-    steps_per_epoch = max(1, N // args.batch_size)
-    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    total_steps = args.max_steps or math.ceil(args.epochs * N / args.batch_size)
     print0(f"{N} training examples ({n_trunc} truncated to --max-length {args.max_length}), {len(eval_ids)} held out | "
            f"{model.num_params():,} params, {sum(p.numel() for p in params):,} trainable | world {world}, "
            f"{per_rank} per rank = {accum} x {args.micro_batch_size} | {total_steps} steps")
@@ -203,26 +237,41 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps, args.lr_schedule))
     start = 0
+    # Early stopping (--patience): the best held-out loss so far, its step, and evaluations since it improved.
+    best, best_state = {"loss": float("inf"), "step": 0, "bad": 0}, None
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
     if args.resume:
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
-        start = load_checkpoint(ckpt_dir, model, opt, sched)["step"]
+        meta = load_checkpoint(ckpt_dir, model, opt, sched)
+        start, best = meta["step"], meta.get("early_stop", best)
+        if os.path.exists(os.path.join(ckpt_dir, "extra.pt")):
+            best_state = torch.load(os.path.join(ckpt_dir, "extra.pt"), map_location="cpu")["best_state"]
         print0(f"resumed from {ckpt_dir} at step {start}")
     log = JsonlLog(os.path.join(args.out_dir, "metrics.jsonl"))
     heldout = lambda: heldout_loss(model, eval_ids, eval_plens, mask_id, args.micro_batch_size * 4, device,
                                          autocast)
+
+    def track_best(step, eval_loss):
+        """Update the early-stopping record; True when training should stop."""
+        nonlocal best, best_state
+        if eval_loss < best["loss"]:
+            best = {"loss": eval_loss, "step": step, "bad": 0}
+            best_state = [p.detach().to("cpu", copy=True) for p in params] if args.patience else None
+        else:
+            best["bad"] += 1
+        return bool(args.patience) and best["bad"] >= args.patience
+
     if start == 0:
-        log.write(step=0, eval_loss=heldout())
+        loss0 = heldout()
+        log.write(step=0, eval_loss=loss0)
+        track_best(0, loss0)
     model.train()
-    metrics = {}
+    metrics, halted = {}, False
     bar = tqdm(range(start, total_steps), disable=rank != 0, desc="sft", dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        # Global batch of this step: a seeded permutation per epoch (so resume needs only the step number).
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = perm[k * args.batch_size:(k + 1) * args.batch_size]
+        batch = batch_for(step, args.batch_size, N, args.seed)  # (batch_size,) the global batch of this step
         t_all, u_all = noise_for(step, args.seed, args.batch_size, T)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         batch, t_all, u_all = batch[mine], t_all[mine], u_all[mine]
@@ -241,17 +290,32 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         metrics = {"loss": loss_sum, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
                    "step_time": time.perf_counter() - t0}
+        stop = False
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
             metrics["eval_loss"] = heldout()
+            stop = track_best(step + 1, metrics["eval_loss"])
         log.write(step=step + 1, **metrics)
         bar.write(fmt_metrics(step + 1, metrics)) if rank == 0 else None
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(ckpt_dir, model, tok, opt, sched, {"step": step + 1, "args": vars(args), **metrics})
+            save_checkpoint(ckpt_dir, model, tok, opt, sched,
+                            {"step": step + 1, "args": vars(args), "early_stop": best, **metrics},
+                            extra={"best_state": best_state} if best_state is not None else None)
+        if stop:
+            print0(f"early stop at step {step + 1}: the held-out loss has not improved for {args.patience} "
+                   f"evaluations; best {best['loss']:.4f} at step {best['step']}")
+            break
         if args.halt_after is not None and step + 1 >= args.halt_after:
             print0(f"halting after step {step + 1} (--halt-after)")
+            halted = step + 1 < total_steps  # a halt at the last step is just the end
             break
     print0(f"ranks in sync: {assert_ranks_in_sync(params, world)}")
-    if not args.no_export and (args.halt_after is None or args.halt_after >= total_steps):
+    if best_state is not None and not halted:  # --patience: export the best evaluation's weights, not the last step's
+        with torch.no_grad():
+            for p, b in zip(params, best_state):
+                p.copy_(b)
+        print0(f"restored the weights of step {best['step']} (best held-out loss {best['loss']:.4f})")
+        metrics = {**metrics, "best_step": best["step"], "best_eval_loss": best["loss"]}
+    if not args.no_export and not halted:
         export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args), **metrics})
         print0(f"exported merged model to {os.path.join(args.out_dir, 'final')}")
     compute_cleanup()

@@ -94,3 +94,65 @@ def test_a_short_tiny_sudoku_run_lowers_the_heldout_loss_substantially(tmp_path)
     first = json.loads(open(tmp_path / "metrics.jsonl").readline())
     assert first["step"] == 0
     assert metrics["eval_loss"] < 0.5 * first["eval_loss"], (first, metrics)
+
+
+def test_batches_stream_through_seeded_epochs_for_any_set_size():
+    # Set size a multiple of the batch: batch k of epoch e is slice k of epoch e's permutation.
+    perm = lambda e, n: torch.randperm(n, generator=torch.Generator().manual_seed(7 + e))
+    for step in range(6):
+        e, k = divmod(step, 2)
+        assert torch.equal(sft.batch_for(step, 32, 64, 7), perm(e, 64)[k * 32:(k + 1) * 32])
+    # Any size: the batches, concatenated, are the epochs' permutations concatenated (a set smaller than a batch
+    # included), so every example is seen equally often.
+    for n, b in [(16, 32), (10, 4), (5, 3)]:
+        stream = torch.cat([sft.batch_for(s, b, n, 7) for s in range(12)])
+        want = torch.cat([perm(e, n) for e in range(len(stream) // n + 1)])[:len(stream)]
+        assert torch.equal(stream, want), (n, b)
+
+
+def test_early_stopping_stops_after_patience_and_exports_the_best_steps_weights(tmp_path, monkeypatch):
+    # A scripted held-out loss (the real one is a function of the weights): best at step 10, then 2 worse ones.
+    scripted = iter([5.0, 4.0, 3.0, 3.5, 3.2, 1.0, 1.0])
+    monkeypatch.setattr(sft, "heldout_loss", lambda *a, **k: next(scripted))
+    common = TINY_SFT[:-2] + ["--lr-schedule", "constant"]
+    m = sft.main(common + ["--eval-every", "5", "--max-steps", "40", "--patience", "2",
+                           "--out-dir", str(tmp_path / "early")])
+    assert m["best_step"] == 10 and m["best_eval_loss"] == 3.0
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "early" / "metrics.jsonl")]
+    assert steps[-1] == 20  # evaluations at 15 and 20 did not beat step 10's: stop there
+    monkeypatch.setattr(sft, "heldout_loss", lambda *a, **k: 0.0)
+    sft.main(common + ["--eval-every", "0", "--max-steps", "10", "--out-dir", str(tmp_path / "ten")])
+    a, b = read_weights(str(tmp_path / "early" / "final")), read_weights(str(tmp_path / "ten" / "final"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_early_stopping_survives_a_resume(tmp_path, monkeypatch):
+    # Halted at step 15 (after the best, step 10), resumed: the best weights come back from the checkpoint.
+    scripted = iter([5.0, 4.0, 3.0, 3.5, 3.2])
+    monkeypatch.setattr(sft, "heldout_loss", lambda *a, **k: next(scripted))
+    args = TINY_SFT[:-2] + ["--lr-schedule", "constant", "--eval-every", "5", "--max-steps", "40", "--patience", "2",
+                            "--save-every", "5", "--out-dir", str(tmp_path / "r")]
+    sft.main(args + ["--halt-after", "15"])
+    assert not (tmp_path / "r" / "final").exists()
+    m = sft.main(args + ["--resume"])
+    assert m["best_step"] == 10
+    monkeypatch.setattr(sft, "heldout_loss", lambda *a, **k: 0.0)
+    sft.main(TINY_SFT[:-2] + ["--lr-schedule", "constant", "--eval-every", "0", "--max-steps", "10",
+                              "--out-dir", str(tmp_path / "ten")])
+    a, b = read_weights(str(tmp_path / "r" / "final")), read_weights(str(tmp_path / "ten" / "final"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sudoku_validation_puzzles_avoid_test_grids_and_labelled_grids():
+    # The held-out loss picks the model (--patience), so it must never see a test grid; and a grid the labelled set
+    # uses would flatter it. Large labelled sets use every training grid: then only the puzzles themselves differ.
+    from data.sudoku import split_grids
+    train_grids, test_grids = split_grids()
+    rows, held = sft.load_data(sft.get_args(TINY_SFT))
+    assert len(held) == 16 and not set(held["solution"]) & set(test_grids)
+    assert set(held["solution"]) <= set(train_grids) and not set(held["solution"]) & set(rows["solution"])
+    rows, held = sft.load_data(sft.get_args(TINY_SFT + ["--train-n", "5000"]))
+    assert len(set(rows["solution"])) == len(train_grids) and len(held) == 16
+    assert not set(held["puzzle"]) & set(rows["puzzle"]) and not set(held["solution"]) & set(test_grids)
