@@ -13,6 +13,10 @@ a fixed canvas is how the model learns to stop.
 Length: d1 pads every s1K example to 4096 tokens with EOS. We pad to --max-length (a fixed canvas, so the model
 still learns to fill the rest with EOS) and truncate longer answers; the script reports how many were truncated.
 
+Validation: every --eval-every steps, the same objective at fixed noise levels on held-out VALIDATION examples (never
+test ones: this number picks models). With --patience K, training stops once K evaluations in a row fail to beat the
+best one, and the export holds the best evaluation's weights ("train until the held-out score stops improving").
+
     python sft.py --model tiny --task sudoku --prompt-style compact                 # CPU, from scratch, minutes
     torchrun --nproc_per_node=2 sft.py --model tiny --task sudoku --prompt-style compact
     torchrun --nproc_per_node=8 sft.py --model GSAI-ML/LLaDA-8B-Instruct --task s1k --max-length 4096 \\

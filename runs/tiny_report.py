@@ -72,6 +72,13 @@ def main(out):
               f"{run['block_length']} tokens; greedy (temperature 0), and sampled at temperature 1 as in RL (the policy "
               f"diffu-GRPO trains). Seeds: {info.get('seeds', '')}. Total wall-clock {info.get('total', 0):.0f} s "
               f"on {info.get('machine', '?')}.")
+    sft_log = [m for m in read_jsonl(os.path.join(out, "sft", "metrics.jsonl")) if "eval_loss" in m]
+    with open(os.path.join(out, "sft", "final", "meta.json")) as f:
+        sft_meta = json.load(f)
+    curve = ", ".join(f"{m['eval_loss']:.3f}" for m in sft_log)
+    header += (f"\n\nSFT ran {sft_log[-1]['step']} steps and kept step {sft_meta.get('best_step', sft_log[-1]['step'])}"
+               f"'s weights; its validation loss (puzzles on training grids the labelled set does not use) every "
+               f"{sft_log[1]['step'] - sft_log[0]['step']} steps from step 0: {curve}.")
     grpo = read_jsonl(os.path.join(out, "grpo", "metrics.jsonl"))
     xs = [m["batch"] for m in grpo]
     ys = smooth([m["reward"] for m in grpo])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # d1 on a laptop: the whole recipe with the tiny model on 4x4 Sudoku, through the real scripts, on CPU (~10 minutes).
-#   1. sft.py        masked SFT on a small FIXED set of labelled puzzles (64 puzzles, 600 steps)
+#   1. sft.py        masked SFT on a small FIXED set of labelled puzzles (64 puzzles), early-stopped: it ends when
+#                    its validation loss has not improved for PATIENCE evaluations and keeps the best weights
 #   2. diffu_grpo.py torchrun, 2 processes (gloo): RL from that checkpoint on FRESH puzzles (--data-seed), reward only
 #   3. sft.py        the control: the same SFT continued on the same labelled set for about RL's wall-clock
 #   4. eval.py       all three on held-out puzzles whose solution grids were never seen in training: greedy (solve
@@ -24,10 +25,11 @@ export TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/tiny_sudoku}
 SEED=${SEED:-0}
 SFT_N=${SFT_N:-64}             # the fixed labelled set
-SFT_STEPS=${SFT_STEPS:-600}
-RL_BATCHES=${RL_BATCHES:-200}  # rollout batches of 2 ranks x 8 prompts x G=8 (mu = 1: one optimizer step each)
-CONT_STEPS=${CONT_STEPS:-1100} # SFT-continued steps (about the RL stage's wall-clock on a 2-core CPU; see timings)
-EVAL_N=${EVAL_N:-1024}
+SFT_STEPS=${SFT_STEPS:-600}    # at most; early stopping (PATIENCE evaluations, 0 = off) usually ends it sooner
+PATIENCE=${PATIENCE:-2}
+RL_BATCHES=${RL_BATCHES:-180}  # rollout batches of 2 ranks x 8 prompts x G=8 (mu = 1: one optimizer step each)
+CONT_STEPS=${CONT_STEPS:-950}  # SFT-continued steps (about the RL stage's wall-clock on a 2-core CPU; see timings)
+EVAL_N=${EVAL_N:-512}
 PY=${PYTHON:-python3}
 mkdir -p $OUT
 TASK="--task sudoku --prompt-style compact --blanks 3 6"
@@ -38,8 +40,8 @@ ONE_STEP="--gen-length 40 --block-length 40 --steps 1"
 echo "== 1. SFT on $SFT_N labelled puzzles"
 t0=$SECONDS
 $PY sft.py --model tiny $TASK --max-length 86 --train-n $SFT_N --eval-n 64 \
-  --batch-size 32 --micro-batch-size 32 --max-steps $SFT_STEPS --lr 3e-3 --warmup-steps 50 --eval-every 100 \
-  --eps 0.2 --seed $SEED --save-every $SFT_STEPS --out-dir $OUT/sft
+  --batch-size 32 --micro-batch-size 32 --max-steps $SFT_STEPS --lr 3e-3 --warmup-steps 50 --eval-every 50 \
+  --patience $PATIENCE --eps 0.2 --seed $SEED --out-dir $OUT/sft
 t_sft=$((SECONDS - t0))
 
 echo "== 2. diffu-GRPO from the SFT model, 2 processes, fresh puzzles, reward only"
