@@ -171,7 +171,7 @@ def get_args(argv=None):
     ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's exact prompts or the compact ones")
     ap.add_argument("--train-n", type=int, default=None, help="number of training examples (generated tasks: how many)")
     ap.add_argument("--eval-n", type=int, default=64, help="held-out validation examples for the fixed-noise loss "
-                    "(never test-split ones: see main())")
+                    "(never test-split ones: see load_data)")
     add_sudoku_args(ap)
     ap.add_argument("--max-length", type=int, default=4096, help="canvas length: prompt + answer, EOS-padded (tokens)")
     # Optimization
