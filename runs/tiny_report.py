@@ -77,8 +77,8 @@ def main(out):
         sft_meta = json.load(f)
     curve = ", ".join(f"{m['eval_loss']:.3f}" for m in sft_log)
     header += (f"\n\nSFT ran {sft_log[-1]['step']} steps and kept step {sft_meta.get('best_step', sft_log[-1]['step'])}"
-               f"'s weights; its validation loss (puzzles on training grids the labelled set does not use) every "
-               f"{sft_log[1]['step'] - sft_log[0]['step']} steps from step 0: {curve}.")
+               f"'s weights; its validation loss (puzzles on training grids the labelled set does not use) at steps "
+               f"{', '.join(str(m['step']) for m in sft_log)}: {curve}.")
     grpo = read_jsonl(os.path.join(out, "grpo", "metrics.jsonl"))
     xs = [m["batch"] for m in grpo]
     ys = smooth([m["reward"] for m in grpo])
