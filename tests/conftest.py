@@ -111,10 +111,22 @@ def launch(script, args, nproc=1, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
            if nproc > 1 else [sys.executable])
-    out = subprocess.run(cmd + [os.path.join(ROOT, script)] + list(args), cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=timeout)
+    for attempt in range(2):
+        out = subprocess.run(cmd + [os.path.join(ROOT, script)] + list(args), cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=timeout)
+        # One known flake, and only that one is retried (once). On CPU a gloo worker has, very rarely, aborted in C++
+        # teardown with libstdc++'s "terminate called without an active exception": once in CI (after the run had
+        # finished, exported its model and reached the final barrier), 0 times in 87 local two-rank launches, some
+        # under load. Any other failure, or the same abort twice in a row, fails the test.
+        if out.returncode != 0 and nproc > 1 and attempt == 0 and TEARDOWN_ABORT in out.stderr:
+            print(f"retrying {script}: a rank aborted in gloo teardown after finishing\n{out.stderr[-1500:]}")
+            continue
+        break
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def blank_cell_probability(model, tok, rows, gen_length=48):
