@@ -116,7 +116,7 @@ def launch(script, args, nproc=1, timeout=600):
                              text=True, timeout=timeout)
         # One known flake, and only that one is retried (once). On CPU a gloo worker has, very rarely, aborted in C++
         # teardown with libstdc++'s "terminate called without an active exception": once in CI (after the run had
-        # finished, exported its model and reached the final barrier), 0 times in 87 local two-rank launches, some
+        # finished, exported its model and reached the final barrier), 0 times in 92 local two-rank launches, some
         # under load. Any other failure, or the same abort twice in a row, fails the test.
         if out.returncode != 0 and nproc > 1 and attempt == 0 and TEARDOWN_ABORT in out.stderr:
             print(f"retrying {script}: a rank aborted in gloo teardown after finishing\n{out.stderr[-1500:]}")
