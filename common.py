@@ -159,6 +159,21 @@ def lr_lambda(warmup, total, schedule):
     return f
 
 
+def batch_for(step, batch_size, n, seed):
+    """Indices of global step `step`'s batch: the training set is read as a stream of seeded permutations (one per
+    epoch) cut into consecutive batches, so a batch may span two epochs and any batch size works with any set size
+    (even a set smaller than one batch). A function of the step alone, so a resumed run reads the same data. sft.py
+    draws its examples with it, diffu_grpo.py its prompts."""
+    idx, pos = [], step * batch_size
+    while len(idx) < batch_size:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        take = perm[off:off + batch_size - len(idx)]
+        idx += take.tolist()
+        pos += len(take)
+    return torch.tensor(idx)
+
+
 def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta, extra=None):
     """A resumable checkpoint, written atomically: the trainable weights (the LoRA adapter alone, or the full
     model in the official layout), optimizer and scheduler state, meta.json (args, step, metrics) and, if given,

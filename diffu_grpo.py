@@ -45,7 +45,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, broadcast_params,
+from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for, broadcast_params,
                     compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint, lr_lambda, print0,
                     resolve_dtype, save_checkpoint)
 from data import add_sudoku_args, load_task, sudoku_kwargs
@@ -344,7 +344,6 @@ def main(argv=None):
     ds = load_task(args.task, "train", args.data_path, args.prompt_style, n=args.train_n, seed=data_seed,
                    **sudoku_kwargs(args.task, args))
     per_batch = args.prompts_per_step * world
-    batches_per_epoch = max(1, len(ds) // per_batch)
     n_batches = args.max_steps // args.num_iterations
     start = 0
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
@@ -361,9 +360,9 @@ def main(argv=None):
     bar = tqdm(range(start, n_batches), disable=rank != 0, desc="diffu-grpo", dynamic_ncols=True)
     for b in bar:
         t0 = time.perf_counter()
-        epoch, k = divmod(b, batches_per_epoch)
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed + epoch))
-        idx = perm[k * per_batch:(k + 1) * per_batch][rank * args.prompts_per_step:(rank + 1) * args.prompts_per_step]
+        # The global rollout batch (per_batch prompt indices), then this rank's prompts_per_step of them.
+        mine = slice(rank * args.prompts_per_step, (rank + 1) * args.prompts_per_step)
+        idx = batch_for(b, per_batch, len(ds), args.seed)[mine]
         # Generators derived from (seed, rank, batch): reproducible, independent of any global RNG, and a resumed
         # run draws exactly what the uninterrupted run drew.
         gens = {name: torch.Generator(device=device).manual_seed(seed_for(args.seed, rank, b, i))

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
-from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, broadcast_params,
-                    compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint, lr_lambda, print0, resolve_dtype, save_checkpoint)
+from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for, broadcast_params,
+                    compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint, lr_lambda, print0,
+                    resolve_dtype, save_checkpoint)
 from data import add_sudoku_args, load_task, sudoku_kwargs
 
 EVAL_NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed t's for the held-out loss, so it is comparable across steps
@@ -84,20 +85,6 @@ def sft_loss(model, ids, prompt_lens, mask_id, t, u, eps=1e-3):
     per_token = torch.where(masked, ce / p, torch.zeros_like(ce))
     answer_len = answer.sum(1).clamp(min=1)  # (B,)
     return (per_token.sum(1) / answer_len).mean()
-
-
-def batch_for(step, batch_size, n, seed):
-    """Indices of global step `step`'s batch: the training set is read as a stream of seeded permutations (one per
-    epoch) cut into consecutive batches, so a batch may span two epochs and any batch size works with any set size
-    (even a set smaller than one batch). A function of the step alone, so a resumed run reads the same data."""
-    idx, pos = [], step * batch_size
-    while len(idx) < batch_size:
-        epoch, off = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        take = perm[off:off + batch_size - len(idx)]
-        idx += take.tolist()
-        pos += len(take)
-    return torch.tensor(idx)
 
 
 def noise_for(step, seed, n, T):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import model as M
 import sft
 from conftest import launch
@@ -101,11 +102,11 @@ def test_batches_stream_through_seeded_epochs_for_any_set_size():
     perm = lambda e, n: torch.randperm(n, generator=torch.Generator().manual_seed(7 + e))
     for step in range(6):
         e, k = divmod(step, 2)
-        assert torch.equal(sft.batch_for(step, 32, 64, 7), perm(e, 64)[k * 32:(k + 1) * 32])
+        assert torch.equal(common.batch_for(step, 32, 64, 7), perm(e, 64)[k * 32:(k + 1) * 32])
     # Any size: the batches, concatenated, are the epochs' permutations concatenated (a set smaller than a batch
     # included), so every example is seen equally often.
     for n, b in [(16, 32), (10, 4), (5, 3)]:
-        stream = torch.cat([sft.batch_for(s, b, n, 7) for s in range(12)])
+        stream = torch.cat([common.batch_for(s, b, n, 7) for s in range(12)])
         want = torch.cat([perm(e, n) for e in range(len(stream) // n + 1)])[:len(stream)]
         assert torch.equal(stream, want), (n, b)
 
