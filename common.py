@@ -50,6 +50,23 @@ def setup_model(args, local_rank=0, seed=0):
     return model, tok, device
 
 
+def make_trainable(model, args, targets):
+    """Set up what a training script trains; returns the trainable parameters.
+    The starting model may carry an adapter (--adapter, or an exact export of an earlier stage). With LoRA
+    (--lora-r > 0) it is kept as frozen low-rank factors, part of the starting model (and of diffu-GRPO's reference
+    policy), and a fresh adapter on `targets` is trained: nothing is rounded into bf16 weights. Full fine-tuning
+    (fp32 weights) merges it exactly first."""
+    if getattr(args, "adapter", None):
+        M.load_lora(model, args.adapter)
+    if M.has_lora(model) and not args.lora_r:
+        M.merge_lora(model, torch.float32)
+    if args.lora_r:
+        M.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, targets,
+                     generator=torch.Generator().manual_seed(args.seed))
+    model.gradient_checkpointing = args.grad_ckpt
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 # -----------------------------------------------------------------------------
 # Distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPU, gloo on CPU (so CPU tests run this path).
 
@@ -210,15 +227,30 @@ def load_checkpoint(path, model, optimizer, scheduler):
         return json.load(f)
 
 
-def export_model(path, model, tokenizer, meta=None):
-    """The final model in the official layout with any LoRA merged: loadable by model.py and the official code."""
+def add_export_args(ap):
+    ap.add_argument("--export", default="exact", choices=["exact", "merged"],
+                    help="how OUT_DIR/final is written for a LoRA run. exact: base weights + adapter.safetensors; "
+                         "model.py applies the adapter at load, so the loaded model IS the trained policy. merged: "
+                         "W + BA merged in fp32 and saved in fp32 under the official keys (for the official code; 2x "
+                         "the size of bf16 weights, and loading it back in bf16 rounds a small update away)")
+    ap.add_argument("--no-export", action="store_true", help="skip the final export")
+
+
+def export_model(path, model, tokenizer, meta=None, mode="exact"):
+    """The final model in the official layout. The contract: `--model PATH` loads the policy that was trained.
+    mode 'exact' keeps any LoRA adapter beside the base weights (model.load_model applies it); 'merged' folds it in
+    fp32 (model.save_model; refused if the cast would lose more than 1% of the update). Prints how much of the
+    update a merge into the base dtype would keep, so the cost of a bf16 merge is never a surprise."""
     if not is_main():
         return
+    if M.has_lora(model):
+        base_dtype = next(m.weight.dtype for m in model.modules() if isinstance(m, M.LoRALinear))
+        print0(f"export ({mode}): a merge into {base_dtype} would keep {100 * M.merge_survival(model, base_dtype):.1f}% "
+               f"of the LoRA update (the exported model keeps 100%)")
     with atomic_dir(path) as tmp:
-        M.save_model(model, tmp, tokenizer, merge=True)
-        if meta is not None:
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=2, default=str)
+        M.save_model(model, tmp, tokenizer, merge=mode == "merged")
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**(meta or {}), "export": mode}, f, indent=2, default=str)
 
 
 def assert_ranks_in_sync(params, world):

@@ -45,16 +45,19 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for, broadcast_params,
-                    compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint, lr_lambda, print0,
-                    resolve_dtype, save_checkpoint)
+from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
+                    broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint,
+                    lr_lambda, make_trainable, print0, resolve_dtype, save_checkpoint)
 from data import add_sudoku_args, load_task, sudoku_kwargs
 from rewards import REWARDS
 from sample import add_sampling_args, completion_mask, decode_completions, generate, pad_left
 
 # d1's published recipe (train.yaml), per task where it differs.
-PRESETS = {"gsm8k": dict(num_iterations=12, temperature=0.9), "math": dict(num_iterations=12, temperature=0.9),
-           "countdown": dict(num_iterations=8, temperature=0.9), "sudoku": dict(num_iterations=8, temperature=0.3)}
+# max_steps: the optimizer step of the checkpoint d1 reports per task (d1 trains longer and keeps the best one).
+PRESETS = {"gsm8k": dict(num_iterations=12, temperature=0.9, max_steps=7704),
+           "math": dict(num_iterations=12, temperature=0.9, max_steps=6600),
+           "countdown": dict(num_iterations=8, temperature=0.9, max_steps=5000),
+           "sudoku": dict(num_iterations=8, temperature=0.3, max_steps=3800)}
 
 # -----------------------------------------------------------------------------
 # The one-step log-prob estimator
@@ -161,7 +164,7 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, auto
     prompt_lists = [tok(tok.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
                     [-args.max_prompt_length:] for r in rows]  # keep the END of an over-long prompt
     prompt_ids, prompt_attn = pad_left(prompt_lists, tok.pad_token_id, device)
-    model.eval()  # rollouts and old/ref log-probs without dropout
+    model.train(args.rollout_mode == "train")  # rollouts and old/ref log-probs: no dropout unless asked for
     with autocast:
         completion = generate(model, prompt_ids, prompt_attn, gen_length=args.gen_length,
                               block_length=args.block_length, steps=args.steps,
@@ -237,6 +240,11 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, auto
     return metrics, samples
 
 
+def lora_targets(spec):
+    """--lora-targets: 'd1', 'wide' or a comma-separated list of module names."""
+    return {"d1": M.LORA_TARGETS, "wide": M.LORA_TARGETS_WIDE}.get(spec) or tuple(spec.split(","))
+
+
 def seed_for(seed, rank, batch, stream):
     """A distinct, reproducible seed per (run seed, rank, rollout batch, stream). Plain arithmetic, not hash():
     Python salts string hashes per process."""
@@ -264,7 +272,9 @@ def get_args(argv=None):
     ap.add_argument("--lora-r", type=int, default=128, help="LoRA rank (0 = full fine-tuning with a frozen reference copy)")
     ap.add_argument("--lora-alpha", type=float, default=64.0, help="LoRA alpha")
     ap.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
-    ap.add_argument("--lora-targets", default=",".join(M.LORA_TARGETS), help="module names to adapt")
+    ap.add_argument("--lora-targets", default="d1",
+                    help="comma-separated module names to adapt, or 'd1' = " + ",".join(M.LORA_TARGETS) + " (what d1's "
+                         "PEFT config matched in LLaDA; no LM head) or 'wide' = " + ",".join(M.LORA_TARGETS_WIDE))
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the update passes")
     # Task
     ap.add_argument("--task", default="sudoku", choices=sorted(PRESETS), help="task (sets the reward functions)")
@@ -280,6 +290,9 @@ def get_args(argv=None):
     ap.add_argument("--prompts-per-step", type=int, default=2,
                     help="prompts per rank per rollout batch (d1: batch 6 x grad-accum 2 / 6 generations = 2)")
     ap.add_argument("--max-prompt-length", type=int, default=200, help="prompt tokens kept (from the end)")
+    ap.add_argument("--rollout-mode", default="eval", choices=["eval", "train"],
+                    help="module mode of the rollouts and the old/ref log-prob passes. eval: no LoRA dropout, so the "
+                         "first inner update's ratio is exactly 1 (ours); train: dropout on, as d1's trainer ran")
     add_sampling_args(ap, gen_length=256, block_length=32, steps=128, temperature=None)
     # diffu-GRPO
     ap.add_argument("--num-iterations", type=int, default=None, help="mu: inner updates per rollout batch (d1: 12 GSM8K/MATH, 8 Countdown/Sudoku)")
@@ -299,7 +312,9 @@ def get_args(argv=None):
     ap.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.99), help="AdamW betas")
     ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     ap.add_argument("--max-grad-norm", type=float, default=0.2, help="gradient clipping norm")
-    ap.add_argument("--max-steps", type=int, default=5000, help="optimizer steps (mu per rollout batch)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="optimizer steps, mu per rollout batch (default: the step of d1's reported checkpoint: "
+                         "GSM8K 7704, MATH 6600, Countdown 5000, Sudoku 3800)")
     ap.add_argument("--seed", type=int, default=0, help="seed for data order, rollouts and mask patterns")
     # Logging and checkpoints
     ap.add_argument("--out-dir", default="out/grpo", help="checkpoints, export and metrics.jsonl")
@@ -307,11 +322,12 @@ def get_args(argv=None):
     ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N rollout batches (0 = off)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     ap.add_argument("--halt-after", type=int, default=None, help="stop after this many rollout batches (then --resume)")
-    ap.add_argument("--no-export", action="store_true", help="skip the final merged export")
+    add_export_args(ap)
     args = ap.parse_args(argv)
     preset = PRESETS[args.task]
     args.num_iterations = args.num_iterations or preset["num_iterations"]
     args.temperature = preset["temperature"] if args.temperature is None else args.temperature
+    args.max_steps = args.max_steps or preset["max_steps"]
     fns = REWARDS[args.task]
     if args.reward_weights is not None and len(args.reward_weights) != len(fns):
         raise ValueError(f"--reward-weights needs {len(fns)} values for {args.task}: {[f.__name__ for f, _ in fns]}")
@@ -327,14 +343,11 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
     model, tok = M.build(args.model, dtype, device, seed=args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    # RL starts from the SFT model (d1-LLaDA) when --model is an SFT export or --adapter is given (make_trainable).
+    params = make_trainable(model, args, lora_targets(args.lora_targets))
     frozen = None
-    if args.lora_r:
-        M.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")),
-                     generator=torch.Generator().manual_seed(args.seed))
-    elif args.beta > 0:
+    if not args.lora_r and args.beta > 0:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    model.gradient_checkpointing = args.grad_ckpt
-    params = [p for p in model.parameters() if p.requires_grad]
     broadcast_params(params, world)
     policy = Policy(model, frozen)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
@@ -393,8 +406,8 @@ def main(argv=None):
             break
     print0(f"ranks in sync: {assert_ranks_in_sync(params, world)} | reference passes: {policy.ref_passes}")
     if not args.no_export and (args.halt_after is None or args.halt_after >= n_batches):
-        export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args)})
-        print0(f"exported merged model to {os.path.join(args.out_dir, 'final')}")
+        export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args)}, args.export)
+        print0(f"exported ({args.export}) to {os.path.join(args.out_dir, 'final')}")
     compute_cleanup()
     return policy
 

@@ -316,6 +316,12 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     model.eval()
     if os.path.exists(os.path.join(model_dir, ADAPTER_FILE)):
         load_lora(model, model_dir)
+    meta = os.path.join(model_dir, "meta.json")
+    if dtype != torch.float32 and os.path.exists(meta):
+        with open(meta) as f:
+            if json.load(f).get("export") == "merged":
+                print(f"warning: {model_dir} holds fp32 weights with a LoRA update merged in; loading them as {dtype} "
+                      f"rounds a small update away. Load with float32, or export with --export exact.")
     return model.to(device)
 
 
@@ -344,13 +350,23 @@ def _write_safetensors(state_dict, out_dir, max_shard_bytes):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def save_model(model, out_dir, tokenizer=None, max_shard_bytes=5 * 2**30, merge=True):
+def save_model(model, out_dir, tokenizer=None, max_shard_bytes=5 * 2**30, merge=False, merge_dtype=torch.float32):
     """Write the official layout into out_dir (which should be a fresh temporary directory; common.py's atomic
-    checkpoint renames it into place). With LoRA, merge=True exports W + (alpha/r) B A under the official keys
-    (loadable by the official code); merge=False keeps base weights and writes the adapter alongside."""
+    checkpoint renames it into place).
+
+    With LoRA there are two exports, and the default is the exact one:
+      merge=False  base weights as they are + adapter.safetensors (fp32). load_model applies the adapter, so the
+                   loaded model computes exactly what was trained (the same forward, bit for bit).
+      merge=True   W + (alpha/r) B A under the official keys, merged in fp32 and saved as `merge_dtype` (default
+                   fp32: the official code can load it). Casting to bf16 would round a small RL update away, so a
+                   merge that keeps less than 99% of the update is refused (merge_lora / merge_survival)."""
     os.makedirs(out_dir, exist_ok=True)
     if has_lora(model) and merge:
-        sd = merged_state_dict(model)
+        kept = merge_survival(model, merge_dtype)
+        if kept < 0.99:
+            raise ValueError(f"a merged export in {merge_dtype} would keep only {100 * kept:.1f}% of the LoRA update; "
+                             f"export merged in torch.float32, or unmerged (base weights + adapter)")
+        sd = merged_state_dict(model, merge_dtype)
     else:
         sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
         if has_lora(model):
@@ -365,52 +381,92 @@ def save_model(model, out_dir, tokenizer=None, max_shard_bytes=5 * 2**30, merge=
 # -----------------------------------------------------------------------------
 # 4. LoRA: W x + (alpha / r) * B (A dropout(x)), with B = 0 at the start so the adapted model equals the base one.
 
-# d1's RL targets. Matched by attribute name, as PEFT matches by suffix: the untied LM head is also called
-# `ff_out` (model.transformer.ff_out), so d1's list adapts the head too, and so do we.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+# d1's RL targets AS RUN. d1's config asks PEFT for q/k/v/o/up/down/gate projections, but LLaDA names its modules
+# q_proj, k_proj, v_proj, attn_out, ff_proj, up_proj, ff_out: only q_proj, k_proj, v_proj and up_proj match, so
+# those four are what d1 adapted (and not the LM head). LORA_TARGETS_WIDE adapts every linear layer of the blocks
+# plus the untied LM head (model.transformer.ff_out shares the name ff_out with the MLP's output projection).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj")
+LORA_TARGETS_WIDE = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 ADAPTER_FILE = "adapter.safetensors"
 
 
 class LoRALinear(nn.Module):
     """Replaces an nn.Linear in place. It keeps the base Parameter under the same name (`weight`), so the
-    state_dict key of the base weight does not change; the adapters add `lora_A` (r, in) and `lora_B` (out, r).
+    state_dict key of the base weight does not change; the adapter adds `lora_A` (r, in) and `lora_B` (out, r).
     The adapters are kept in fp32 (a 3e-6 learning rate would vanish in bf16's 8-bit mantissa) and cast to the
-    activation dtype for the matmul; gradients flow back through the cast into the fp32 master copy."""
+    activation dtype for the matmul; gradients flow back through the cast into the fp32 master copy.
 
-    def __init__(self, base, r, alpha, dropout, generator=None):
+    An earlier stage's adapter (RL starting from the SFT model) is kept as FROZEN factors `lora_frozen_A/B`
+    (scale folded into B) instead of being merged into a bf16 weight, where a small update rounds away (see
+    merge_survival). They are part of the starting model: always on, also for the reference policy."""
+
+    def __init__(self, base, r, alpha, dropout, generator=None):  # base: an nn.Linear (or a LoRALinear to re-arm)
         super().__init__()
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.r, self.scale, self.dropout = r, alpha / r, dropout
         self.enabled = True
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
-        bound = 1.0 / math.sqrt(base.in_features)  # kaiming-uniform(a=sqrt(5)) bound, as for nn.Linear
+        self.lora_frozen_A = self.lora_frozen_B = None
+        dev, (out_features, in_features) = base.weight.device, base.weight.shape
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev, dtype=torch.float32))
+        bound = 1.0 / math.sqrt(in_features)  # kaiming-uniform(a=sqrt(5)) bound, as for nn.Linear
         with torch.no_grad():
             self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
 
+    def set_frozen(self, A, B):
+        """Frozen low-rank delta B @ A (B already scaled) of an earlier stage: fp32, no gradient."""
+        self.lora_frozen_A = nn.Parameter(A.float().to(self.weight.device), requires_grad=False)
+        self.lora_frozen_B = nn.Parameter(B.float().to(self.weight.device), requires_grad=False)
+
     def forward(self, x):
         y = F.linear(x, self.weight)
+        if self.lora_frozen_A is not None:
+            y = y + F.linear(F.linear(x, self.lora_frozen_A.to(x.dtype)), self.lora_frozen_B.to(x.dtype))
         if not self.enabled:
             return y
         x = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         return y + self.scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
-    def merged_weight(self):
-        return (self.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.weight.dtype)
+    def delta(self):
+        """The whole update in fp32 (out, in): frozen + trainable."""
+        d = self.scale * self.lora_B @ self.lora_A
+        return d if self.lora_frozen_A is None else d + self.lora_frozen_B @ self.lora_frozen_A
+
+    def merged_weight(self, dtype=torch.float32):
+        return (self.weight.float() + self.delta()).to(dtype)
 
 
 def apply_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, generator=None):
-    """Wrap every nn.Linear whose attribute name is in `targets`; freeze everything else. Returns the model."""
+    """Wrap every nn.Linear whose attribute name is in `targets`; freeze everything else. A model that already has
+    adapters (loaded from an SFT export, or --adapter) keeps them as frozen factors of the starting model, and every
+    LoRALinear gets a fresh trainable adapter (so a module the earlier stage adapted but `targets` omits stays
+    adapted). Returns the model."""
+    freeze_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in targets and isinstance(child, nn.Linear):
+            if isinstance(child, LoRALinear):
+                fresh = LoRALinear(child, r, alpha, dropout, generator)
+                fresh.set_frozen(child.lora_frozen_A.detach(), child.lora_frozen_B.detach())
+                setattr(parent, name, fresh)
+            elif name in targets and isinstance(child, nn.Linear):
                 setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator))
     if not has_lora(model):
         raise ValueError(f"apply_lora: no nn.Linear named any of {targets}")
+    return model
+
+
+def freeze_lora(model):
+    """Fold every trainable adapter into its module's frozen factors: [A_frozen; A] and [B_frozen, scale B], so
+    (B_frozen A_frozen + scale B A) is kept exactly, as a low-rank product, never rounded into the base weight."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            A, B = m.lora_A.detach(), m.scale * m.lora_B.detach()
+            if m.lora_frozen_A is not None:
+                A, B = torch.cat([m.lora_frozen_A, A]), torch.cat([m.lora_frozen_B, B], dim=1)
+            m.set_frozen(A, B)
     return model
 
 
@@ -420,8 +476,8 @@ def has_lora(model):
 
 @contextlib.contextmanager
 def lora_disabled(model):
-    """Inside this block the model is the base model: this is how diffu-GRPO gets the reference policy's
-    log-probs without a second copy of 8B weights."""
+    """Inside this block the model is the STARTING model (trainable adapters off, frozen earlier-stage factors on):
+    this is how diffu-GRPO gets the reference policy's log-probs without a second copy of 8B weights."""
     mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in mods:
         m.enabled = False
@@ -432,24 +488,45 @@ def lora_disabled(model):
             m.enabled = True
 
 
-def merged_state_dict(model):
-    """Official-key state dict with every adapter folded into its base weight."""
+def merged_state_dict(model, dtype=None):
+    """Official-key state dict with every adapter folded into its base weight (in fp32, then cast to `dtype`,
+    default: the base weight's dtype)."""
     sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            sd[name + ".weight"] = m.merged_weight().detach()
+            sd[name + ".weight"] = m.merged_weight(dtype or m.weight.dtype).detach()
     return sd
 
 
-def merge_lora(model):
-    """Fold the adapters into the weights and put plain nn.Linear modules back (for export or faster inference)."""
+@torch.no_grad()
+def merge_survival(model, dtype):
+    """How much of the adapters' update survives a merge into `dtype` weights: 1 - ||cast(W + dW) - (W + dW)|| /
+    ||dW|| over all adapted weights (fp32 arithmetic). 1.0 = exact. A bf16 merge of d1's RL update (lr 3e-6: dW is
+    ~1e-4 of W, far below bf16's 2^-8 relative step) rounds nearly all of it away."""
+    err = norm = 0.0
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            exact = m.weight.float() + m.delta()
+            err += (exact.to(dtype).float() - exact).pow(2).sum().item()
+            norm += m.delta().pow(2).sum().item()
+    return 1.0 if norm == 0 else 1.0 - math.sqrt(err / norm)
+
+
+def merge_lora(model, dtype=None, min_survival=0.99):
+    """Fold the adapters into the weights and put plain nn.Linear modules back, in `dtype` (default: the base
+    dtype). Refuses when more than 1 - min_survival of the update would round away (merge_survival)."""
+    dtype = dtype or next(m.weight.dtype for m in model.modules() if isinstance(m, LoRALinear))
+    kept = merge_survival(model, dtype)
+    if kept < min_survival:
+        raise ValueError(f"merging the LoRA update into {dtype} weights keeps only {100 * kept:.1f}% of it (the rest "
+                         f"rounds away); merge into torch.float32, or keep the adapter unmerged")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 lin = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False,
-                                device=child.weight.device, dtype=child.weight.dtype)
+                                device=child.weight.device, dtype=dtype)
                 with torch.no_grad():
-                    lin.weight.copy_(child.merged_weight())
+                    lin.weight.copy_(child.merged_weight(dtype))
                 setattr(parent, name, lin)
     return model
 
@@ -459,7 +536,8 @@ def lora_state_dict(model):
 
 
 def save_lora(model, out_dir):
-    """The adapter alone (a few MB-GB instead of 16 GB), with its r/alpha in the file's metadata."""
+    """The adapter alone (a few MB-GB instead of 16 GB), with its r/alpha/targets in the file's metadata; frozen
+    earlier-stage factors, if any, travel in the same file."""
     from safetensors.torch import save_file
     m = next(m for m in model.modules() if isinstance(m, LoRALinear))
     targets = sorted({n.split(".")[-1] for n, mod in model.named_modules() if isinstance(mod, LoRALinear)})
@@ -472,11 +550,17 @@ def load_lora(model, path):
     """Load an adapter saved by save_lora (a directory or the file); wraps the model first if it has no adapters."""
     from safetensors import safe_open
     f = path if path.endswith(".safetensors") else os.path.join(path, ADAPTER_FILE)
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"--adapter {path!r}: no {ADAPTER_FILE} there (a directory written by sft.py or "
+                                f"diffu_grpo.py, or the .safetensors file itself)")
     with safe_open(f, framework="pt") as fh:
         meta = fh.metadata()
         sd = {k: fh.get_tensor(k) for k in fh.keys()}
     if not has_lora(model):
         apply_lora(model, int(meta["r"]), float(meta["alpha"]), targets=tuple(meta["targets"].split(",")))
+    for name, m in model.named_modules():  # frozen factors: shapes come from the file
+        if isinstance(m, LoRALinear) and name + ".lora_frozen_A" in sd:
+            m.set_frozen(sd[name + ".lora_frozen_A"], sd[name + ".lora_frozen_B"])
     missing = set(lora_state_dict(model)) - set(sd)
     if missing or set(sd) - set(lora_state_dict(model)):
         raise KeyError(f"{f}: adapter keys do not match the model (missing e.g. {sorted(missing)[:3]})")

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
-from common import (JsonlLog, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for, broadcast_params,
-                    compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint, lr_lambda, print0,
-                    resolve_dtype, save_checkpoint)
+from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
+                    broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint,
+                    lr_lambda, make_trainable, print0, resolve_dtype, save_checkpoint)
 from data import add_sudoku_args, load_task, sudoku_kwargs
 
 EVAL_NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed t's for the held-out loss, so it is comparable across steps
@@ -124,9 +124,13 @@ def load_data(args):
     except for generated Sudoku: there they are fresh puzzles on training-split grids that no labelled puzzle uses
     (a puzzle on a memorised grid would flatter the loss)."""
     sudoku = args.task == "sudoku" and args.data_path in (None, "generate")
+    if args.eval_n is None and args.train_n is not None:  # --eval-frac of a limited set
+        args.eval_n = max(1, round(args.eval_frac * args.train_n))
     n_total = None if args.train_n is None else args.train_n + (0 if sudoku else args.eval_n)
     gen_kw = sudoku_kwargs(args.task, args)
     rows = load_task(args.task, "train", args.data_path, args.prompt_style, n=n_total, seed=args.seed, **gen_kw)
+    if args.eval_n is None:  # --eval-frac of the whole set (d1: 1% of s1K's 1000 = 10 examples)
+        args.eval_n = max(1, round(args.eval_frac * len(rows)))
     if sudoku:
         seen, labelled = set(rows["solution"]), set(rows["puzzle"])
         pool = load_task("sudoku", "train", None, args.prompt_style, n=max(1000, 20 * args.eval_n),
@@ -142,59 +146,95 @@ def load_data(args):
     return rows, held
 
 
+# Unset flags take a preset. "s1k" is d1's sft_train.py as it ran (d1_eval.md, "Training-side facts"): LoRA r 128,
+# alpha 256, dropout 0.05 on q/k/v; lr 1e-5, linear decay, no warmup; weight decay 0.1; grad-norm 1.0; 1 example per
+# device x 4 accumulation steps (global batch 4 x GPUs); 20 epochs; 4096 tokens; 1% held out, evaluated every 100
+# steps, best checkpoint kept; seed 42. "tiny" is for the generated tasks on a laptop (full fine-tuning of the tiny
+# model), and every tiny command in the repo sets its own flags on top.
+PRESETS = {
+    "s1k": dict(lora_r=128, lora_alpha=256.0, lora_dropout=0.05, lora_targets="q_proj,k_proj,v_proj", lr=1e-5,
+                lr_schedule="linear", warmup_steps=0, weight_decay=0.1, adam_betas=(0.9, 0.999), max_grad_norm=1.0,
+                micro_batch_size=1, grad_accum=4, epochs=20, max_length=4096, eval_frac=0.01, eval_every=100,
+                keep_best=True, seed=42),
+    "tiny": dict(lora_r=None, lora_alpha=256.0, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj", lr=1e-5,
+                 lr_schedule="cosine", warmup_steps=10, weight_decay=0.0, adam_betas=(0.9, 0.999), max_grad_norm=1.0,
+                 micro_batch_size=1, grad_accum=None, epochs=20, max_length=4096, eval_n=64, eval_every=50,
+                 keep_best=False, seed=0),
+}
+
+
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Masked SFT of LLaDA (d1 stage 1).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description="Masked SFT of LLaDA (d1 stage 1). Unset flags take a preset: --task s1k gets d1's sft_train.py "
+                    "recipe; other tasks (generated, for the tiny model) get the 'tiny' preset. "
+                    "The '(default: None)' of a flag means 'from the preset'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Model
     add_model_args(ap)
-    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (default: 128, or 0 for tiny)")
-    ap.add_argument("--lora-alpha", type=float, default=256.0, help="LoRA alpha (scale = alpha / r)")
-    ap.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout probability")
-    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj", help="comma-separated module names (d1's SFT: q,k,v)")
+    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (s1k: 128; tiny preset: 0 for --model tiny, else 128)")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, scale = alpha / r (s1k: 256)")
+    ap.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout probability (s1k: 0.05)")
+    ap.add_argument("--lora-targets", default=None, help="comma-separated module names (s1k: q_proj,k_proj,v_proj)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (recompute blocks in backward)")
     # Data
     ap.add_argument("--task", default="s1k", help="s1k (d1's SFT data), or sudoku/countdown (generated, for tiny runs)")
     ap.add_argument("--data-path", default=None, help="local dataset file/directory instead of the hub")
     ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's exact prompts or the compact ones")
     ap.add_argument("--train-n", type=int, default=None, help="number of training examples (generated tasks: how many)")
-    ap.add_argument("--eval-n", type=int, default=64, help="held-out validation examples for the fixed-noise loss "
-                    "(never test-split ones: see load_data)")
+    ap.add_argument("--eval-n", type=int, default=None, help="held-out validation examples for the fixed-noise loss "
+                    "(never test-split ones: see load_data; tiny: 64)")
+    ap.add_argument("--eval-frac", type=float, default=None,
+                    help="held-out fraction of the training set, when --eval-n is unset (s1k: 0.01)")
     add_sudoku_args(ap)
-    ap.add_argument("--max-length", type=int, default=4096, help="canvas length: prompt + answer, EOS-padded (tokens)")
+    ap.add_argument("--max-length", type=int, default=None, help="canvas length: prompt + answer, EOS-padded (tokens; 4096)")
     # Optimization
-    ap.add_argument("--epochs", type=float, default=20, help="passes over the training set (d1: 20)")
+    ap.add_argument("--epochs", type=float, default=None, help="passes over the training set (d1: 20)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    ap.add_argument("--batch-size", type=int, default=8, help="global batch (examples per optimizer step, all ranks)")
-    ap.add_argument("--micro-batch-size", type=int, default=1, help="examples per forward pass per rank")
-    ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"], help="decay after warmup")
-    ap.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    ap.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
-    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="global batch, examples per optimizer step over all ranks (default: world x "
+                         "--micro-batch-size x --grad-accum; tiny: 8)")
+    ap.add_argument("--micro-batch-size", type=int, default=None, help="examples per forward pass per rank (1)")
+    ap.add_argument("--grad-accum", type=int, default=None,
+                    help="micro-batches per rank per optimizer step, when --batch-size is unset (s1k: 4)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-5)")
+    ap.add_argument("--lr-schedule", default=None, choices=["constant", "linear", "cosine"],
+                    help="decay after warmup (s1k: linear, tiny: cosine)")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (s1k: 0, tiny: 10)")
+    ap.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (s1k: 0.1, tiny: 0)")
+    ap.add_argument("--adam-betas", type=float, nargs=2, default=None, help="AdamW betas (0.9 0.999)")
+    ap.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping norm (1.0)")
     ap.add_argument("--eps", type=float, default=1e-3, help="minimum masking probability (p = (1-eps) t + eps)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for init (tiny), data order and noise")
+    ap.add_argument("--seed", type=int, default=None, help="seed for init (tiny), data order and noise (s1k: 42, tiny: 0)")
     # Logging and checkpoints
     ap.add_argument("--out-dir", default="out/sft", help="checkpoints, final export and metrics.jsonl go here")
-    ap.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0 = only at the end)")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="held-out loss every N steps, 0 = only at the end (s1k: 100, tiny: 50)")
+    ap.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
+                    help="export the weights of the best held-out evaluation, not the last step's (s1k: on; keeps a "
+                         "CPU copy of the trainable weights)")
     ap.add_argument("--patience", type=int, default=0,
                     help="early stopping: stop once the held-out loss has not improved for this many evaluations "
-                         "(every --eval-every steps) and export the weights of the best evaluation (0 = off; keeps "
-                         "a CPU copy of the trainable weights)")
+                         "(every --eval-every steps); implies --keep-best (0 = off)")
     ap.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (0 = off)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     ap.add_argument("--halt-after", type=int, default=None,
                     help="stop (checkpoint, no export) after this step, as if interrupted; continue with --resume")
-    ap.add_argument("--no-export", action="store_true", help="skip the final merged export")
+    add_export_args(ap)
     args = ap.parse_args(argv)
-    if args.lora_r is None:
+    for k, v in PRESETS["s1k" if args.task == "s1k" else "tiny"].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.lora_r is None:  # the tiny model is fully fine-tuned; a real one gets LoRA r 128
         args.lora_r = 0 if args.model == "tiny" else 128
+    args.keep_best = args.keep_best or args.patience > 0
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world, device = compute_init(args.device)
+    if args.batch_size is None:
+        args.batch_size = world * args.micro_batch_size * args.grad_accum if args.grad_accum else 8
     if args.batch_size % (world * args.micro_batch_size):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by world size {world} x "
                          f"--micro-batch-size {args.micro_batch_size}")
@@ -205,14 +245,7 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
     model, tok = M.build(args.model, dtype, device, seed=args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    if args.adapter:
-        M.load_lora(model, args.adapter)
-        M.merge_lora(model)
-    if args.lora_r:
-        M.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")),
-                     generator=torch.Generator().manual_seed(args.seed))
-    model.gradient_checkpointing = args.grad_ckpt
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = make_trainable(model, args, tuple(args.lora_targets.split(",")))
     broadcast_params(params, world)
     mask_id, eos_id = model.cfg.mask_token_id, model.cfg.eos_token_id
 
@@ -248,7 +281,7 @@ def main(argv=None):
         nonlocal best, best_state
         if eval_loss < best["loss"]:
             best = {"loss": eval_loss, "step": step, "bad": 0}
-            best_state = [p.detach().to("cpu", copy=True) for p in params] if args.patience else None
+            best_state = [p.detach().to("cpu", copy=True) for p in params] if args.keep_best else None
         else:
             best["bad"] += 1
         return bool(args.patience) and best["bad"] >= args.patience
@@ -300,15 +333,15 @@ def main(argv=None):
             halted = step + 1 < total_steps  # a halt at the last step is just the end
             break
     print0(f"ranks in sync: {assert_ranks_in_sync(params, world)}")
-    if best_state is not None and not halted:  # --patience: export the best evaluation's weights, not the last step's
+    if best_state is not None and not halted:  # --keep-best: export the best evaluation's weights, not the last step's
         with torch.no_grad():
             for p, b in zip(params, best_state):
                 p.copy_(b)
         print0(f"restored the weights of step {best['step']} (best held-out loss {best['loss']:.4f})")
         metrics = {**metrics, "best_step": best["step"], "best_eval_loss": best["loss"]}
     if not args.no_export and not halted:
-        export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args), **metrics})
-        print0(f"exported merged model to {os.path.join(args.out_dir, 'final')}")
+        export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args), **metrics}, args.export)
+        print0(f"exported ({args.export}) to {os.path.join(args.out_dir, 'final')}")
     compute_cleanup()
     return metrics
 

@@ -171,10 +171,53 @@ def test_mu_one_has_ratio_exactly_one_and_beta_zero_makes_no_reference_pass(tiny
     assert policy.ref_passes == 0 and len(rec.calls) == 4 and all(on for _, on in rec.calls)
 
 
-def test_ratio_is_exactly_one_with_mu_one():
-    logp = torch.randn(2, 5, requires_grad=True)
-    _, st = D.grpo_token_loss(logp, logp.detach(), None, torch.tensor([1.0, -1.0]), torch.ones(2, 5), 1e-9, 0.0)
-    assert st["clipped"].item() == 0  # ratio == 1 exactly, so even an (absurd) 1e-9 clip range never clips
+def test_ratio_is_one_and_loss_is_minus_mean_advantage_at_the_first_inner_update(tiny, tok, monkeypatch):
+    """At the first inner update the weights are those that produced the old log-probs, so (without dropout) the
+    ratio is 1 and the surrogate is -A per token: the loss must equal -sum(A_i * valid tokens_i) / valid tokens, a
+    number computed here from the advantages and the completion mask alone. At the second update the weights have
+    moved, so the ratio is no longer 1."""
+    monkeypatch.setitem(D.REWARDS, "sudoku", [(digits_reward, 1.0)])
+    seen = []
+    real = D.grpo_token_loss
+    monkeypatch.setattr(D, "grpo_token_loss", lambda logp, old, ref, adv, cmask, eps, beta:
+                        seen.append((logp.detach(), old, adv, cmask)) or real(logp, old, ref, adv, cmask, eps, beta))
+    rec, policy, metrics, _ = run_one_batch(tiny, tok, mu=2, beta=0.0, G=4)
+    assert len(seen) == 2  # one micro-batch per inner update
+    (logp0, old0, adv, cmask), (logp1, old1, _, _) = seen
+    assert adv.abs().sum() > 0, "the batch needs non-zero advantages to test anything"
+    torch.testing.assert_close(logp0, old0, atol=1e-5, rtol=0)
+    assert not torch.allclose(logp1, old1, atol=1e-4)
+    first = -(adv[:, None] * cmask).sum() / cmask.sum()
+    loss0, _ = real(logp0, old0, None, adv, cmask, 0.5, 0.0)
+    torch.testing.assert_close(loss0 / cmask.sum(), first, atol=1e-5, rtol=0)
+
+
+def test_rollouts_use_the_deterministic_policy_unless_rollout_mode_train(tiny, tok):
+    """Rollouts and old log-probs come from the model in eval mode: LoRA dropout (0.5 here) does not touch them, so
+    they do not depend on the global RNG. --rollout-mode train (d1's trainer) samples with dropout on."""
+    M.apply_lora(tiny, 4, 8, dropout=0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n, p in tiny.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    from data import load_task
+    rows = [load_task("sudoku", "train", style="compact", n=2)[i] for i in range(2)]
+
+    def completions(mode, global_seed):
+        state = {k: v.clone() for k, v in tiny.state_dict().items()}
+        args = D.get_args(TINY_RL + ["--num-iterations", "1", "--beta", "0", "--rollout-mode", mode])
+        params = [p for p in tiny.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "mask"))}
+        torch.manual_seed(global_seed)
+        _, samples = D.rl_step(D.Policy(tiny), opt, sched, params, rows, tok, args, 1, gens,
+                               contextlib.nullcontext(), "cpu")
+        tiny.load_state_dict(state)
+        return [c for _, c, _ in samples]
+
+    assert completions("eval", 0) == completions("eval", 1)
+    assert any(completions("train", s) != completions("train", 0) for s in (1, 2, 3))
 
 
 def test_torchrun_two_ranks_gloo_stay_in_sync(tmp_path):
@@ -184,15 +227,35 @@ def test_torchrun_two_ranks_gloo_stay_in_sync(tmp_path):
     assert (tmp_path / "final" / "config.json").exists()
 
 
-def test_defaults_are_d1s_published_recipe():
-    a = D.get_args(["--task", "sudoku"])
-    assert (a.model, a.num_generations, a.num_iterations, a.beta, a.epsilon, a.p_mask_prompt, a.lr) == \
-        (M.LLADA_HUB_ID, 6, 8, 0.04, 0.5, 0.15, 3e-6)
-    assert (a.gen_length, a.block_length, a.steps, a.temperature, a.lora_r, a.lora_alpha, a.lora_dropout) == \
-        (256, 32, 128, 0.3, 128, 64.0, 0.05)
-    assert tuple(a.adam_betas) == (0.9, 0.99) and a.weight_decay == 0.1 and a.max_grad_norm == 0.2
-    g = D.get_args(["--task", "gsm8k"])
-    assert g.num_iterations == 12 and g.temperature == 0.9 and len(g.reward_fns) == 5
+def digits_reward(prompts, completions, **kw):
+    """A reward that varies within a group even for a random model (so the advantages are not all zero)."""
+    return [sum(ch.isdigit() for ch in c) / 10 for c in completions]
+
+
+def test_rl_from_an_sft_adapter_starts_at_the_sft_model_and_its_reference_is_the_sft_model(tmp_path, tok,
+                                                                                            monkeypatch):
+    """d1 starts RL from the SFT model. The SFT adapter (--adapter) is kept exactly (frozen factors): the policy
+    starts AT the SFT model, the reference policy (trainable adapters off) IS the SFT model, and after RL steps the
+    exact export reloads the trained policy."""
+    sft, _ = M.build("tiny", seed=0)
+    M.apply_lora(sft, 4, 8, targets=("q_proj", "k_proj", "v_proj"), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    M.save_model(sft, str(tmp_path / "sft"), tok)  # base + adapter.safetensors
+    monkeypatch.setitem(D.REWARDS, "sudoku", [(digits_reward, 1.0)])
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    sft_logits = sft(ids).detach()
+    out = tmp_path / "rl"
+    policy = D.main(TINY_RL + ["--adapter", str(tmp_path / "sft" / M.ADAPTER_FILE), "--num-iterations", "2",
+                               "--max-steps", "2", "--beta", "0.04", "--out-dir", str(out)])
+    model = policy.model.eval()  # (no LoRA dropout)
+    with M.lora_disabled(model):
+        torch.testing.assert_close(model(ids), sft_logits, atol=1e-5, rtol=0)
+    trained = model(ids).detach()
+    assert not torch.allclose(trained, sft_logits, atol=1e-5)  # RL moved the policy
+    torch.testing.assert_close(M.load_model(str(out / "final"))(ids), trained, atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow

@@ -133,8 +133,10 @@ def test_lora_fresh_unchanged_off_switch_is_exact_and_merge_reproduces_adapted(t
     assert torch.equal(tiny(ids), base)  # B = 0
     trainable = [p for p in tiny.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
-    # A and B for each of d1's 7 targets in every block, plus the LM head (also named ff_out, as in PEFT)
-    assert len(trainable) == 2 * (7 * tiny.cfg.n_layers + 1)
+    # A and B for each of the 4 modules d1's PEFT config matched (q/k/v/up) in every block; not the LM head
+    assert len(trainable) == 2 * 4 * tiny.cfg.n_layers
+    assert {n.split(".")[-2] for n, p in tiny.named_parameters() if p.requires_grad} == \
+        {"q_proj", "k_proj", "v_proj", "up_proj"}
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     tiny(ids).logsumexp(-1).mean().backward()
     opt.step()
@@ -160,7 +162,7 @@ def test_save_load_round_trip_plain_lora_merged_and_adapter_alone(tiny, tok, tmp
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     adapted = tiny(ids)
-    M.save_model(tiny, str(tmp_path / "merged"), tok)  # merged: official keys only
+    M.save_model(tiny, str(tmp_path / "merged"), tok, merge=True)  # merged in fp32: official keys only
     loaded = M.load_model(str(tmp_path / "merged"))
     assert not M.has_lora(loaded)
     torch.testing.assert_close(loaded(ids), adapted, atol=1e-5, rtol=0)
@@ -202,3 +204,75 @@ def test_loader_peak_memory_is_the_model_plus_about_one_shard(tmp_path):
     shard_kb = r["model_kb"] / 8
     extra = r["peak"] - r["before"] - r["model_kb"]
     assert extra < 3 * shard_kb + 20_000, r  # the model, plus at most ~ one shard read + its mmap, plus slack
+
+
+def test_wide_lora_targets_adapt_every_linear_and_the_lm_head(tiny):
+    M.apply_lora(tiny, r=4, alpha=8, targets=M.LORA_TARGETS_WIDE)
+    trainable = [p for p in tiny.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * (7 * tiny.cfg.n_layers + 1)  # 7 per block + the untied head (also named ff_out)
+
+
+def _small_update(model, rel_rms, seed=0):
+    """Give every adapter a delta-W whose RMS is rel_rms of its base weight's RMS (d1's lr 3e-6 regime)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, M.LoRALinear):
+                m.lora_B.normal_(0, 1, generator=g)
+                d = m.scale * m.lora_B @ m.lora_A
+                m.lora_B.mul_(rel_rms * m.weight.float().pow(2).mean().sqrt() / d.pow(2).mean().sqrt())
+
+
+def test_export_of_a_bf16_lora_run_keeps_a_realistically_small_update(tok, tmp_path):
+    """The export contract at d1's scale of update: a bf16 base, an adapter whose delta-W RMS is 3e-4 of the
+    weights' RMS. A bf16 merge would keep almost none of it (refused); the exact export (base + adapter) and the fp32
+    merge, loaded back, reproduce the update's effect on the logits to within 5%."""
+    from common import export_model
+    model, _ = M.build("tiny", torch.bfloat16, seed=3)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(6))
+    base = model(ids).float()
+    M.apply_lora(model, r=8, alpha=16, generator=torch.Generator().manual_seed(0))
+    _small_update(model, 3e-4)
+    adapted = model(ids).float()
+    effect = (adapted - base).norm()
+    assert effect > 0
+    assert M.merge_survival(model, torch.bfloat16) < 0.5  # most of the update would round away in bf16
+    assert M.merge_survival(model, torch.float32) > 0.999
+    with pytest.raises(ValueError, match="keep only"):
+        M.save_model(model, str(tmp_path / "lossy"), tok, merge=True, merge_dtype=torch.bfloat16)
+    export_model(str(tmp_path / "exact"), model, tok, mode="exact")
+    loaded = M.load_model(str(tmp_path / "exact"), torch.bfloat16)
+    assert (loaded(ids).float() - adapted).norm() <= 0.05 * effect
+    # The fp32 merge is compared in fp32 (a bf16 forward's own rounding is as large as this update's effect).
+    export_model(str(tmp_path / "merged"), model, tok, mode="merged")
+    model32 = model.float()
+    adapted32 = model32(ids)
+    with M.lora_disabled(model32):
+        effect32 = (adapted32 - model32(ids)).norm()
+    loaded = M.load_model(str(tmp_path / "merged"), torch.float32)
+    assert not M.has_lora(loaded)
+    assert (loaded(ids) - adapted32).norm() <= 0.05 * effect32
+
+
+def test_a_second_stage_keeps_the_first_adapter_frozen_exactly_and_exports_both(tok, tmp_path):
+    """RL from the SFT model: the SFT adapter becomes frozen factors (part of the starting model, so also of the
+    reference policy), a fresh adapter trains on top, and the exact export reloads the stacked policy."""
+    model, _ = M.build("tiny", seed=4)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(7))
+    base = model(ids).detach()
+    M.apply_lora(model, r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj"))  # the SFT stage's adapter
+    _small_update(model, 1e-2, seed=1)
+    sft = model(ids).detach()
+    M.save_model(model, str(tmp_path / "sft"), tok)
+    start = M.load_model(str(tmp_path / "sft"))
+    M.apply_lora(start, r=4, alpha=8, generator=torch.Generator().manual_seed(0))  # RL on d1's 4 targets
+    assert all(not p.requires_grad for n, p in start.named_parameters() if "lora_frozen" in n)
+    torch.testing.assert_close(start(ids), sft, atol=1e-5, rtol=0)  # fresh B = 0: the SFT model
+    _small_update(start, 1e-2, seed=2)
+    rl = start(ids).detach()
+    assert not torch.allclose(rl, sft, atol=1e-4)
+    with M.lora_disabled(start):  # the reference policy is the SFT model, not the base
+        torch.testing.assert_close(start(ids), sft, atol=1e-5, rtol=0)
+        assert not torch.allclose(start(ids), base, atol=1e-4)
+    M.save_model(start, str(tmp_path / "rl"), tok)
+    torch.testing.assert_close(M.load_model(str(tmp_path / "rl"))(ids), rl, atol=1e-6, rtol=0)

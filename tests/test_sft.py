@@ -80,10 +80,16 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_lora_sft_exports_a_merged_official_checkpoint(tmp_path):
+def test_lora_sft_exports_the_exact_adapter_by_default_and_an_fp32_merge_on_request(tmp_path):
     run(TINY_SFT + ["--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--out-dir", str(tmp_path / "l")])
-    m = M.load_model(str(tmp_path / "l" / "final"))
-    assert not M.has_lora(m) and not (tmp_path / "l" / "final" / M.ADAPTER_FILE).exists()
+    exact = M.load_model(str(tmp_path / "l" / "final"))
+    assert M.has_lora(exact) and (tmp_path / "l" / "final" / M.ADAPTER_FILE).exists()
+    run(TINY_SFT + ["--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--export", "merged",
+                    "--out-dir", str(tmp_path / "m")])
+    merged = M.load_model(str(tmp_path / "m" / "final"))
+    assert not M.has_lora(merged) and not (tmp_path / "m" / "final" / M.ADAPTER_FILE).exists()
+    ids = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(merged(ids), exact(ids), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
