@@ -1,21 +1,29 @@
 """
-The d1 evaluation protocol: zero-shot prompts, "<reasoning>" prefilled after the assistant header, greedy decoding,
-block length 32, steps = gen_length // 2, at generation lengths 128 / 256 / 512; full GSM8K and MATH500 test sets,
-256 Countdown and 256 Sudoku items. Scoring is d1's (rewards.py's score_* functions): accuracy for GSM8K, MATH500
-and Countdown; for Sudoku the fraction of correctly filled blank cells over the whole test set (we also report the
-puzzle-level solve rate).
+Evaluation of the four d1 tasks, two protocols (--protocol):
 
-Batches are left-padded WITH an attention mask, so an item's generation does not depend on the batch size or on
-which other items share its batch. (The reference evaluation feeds padded batches without a mask, so pad tokens are
-attended and its scores change with the batch composition.)
+  d1     (default) what d1's evaluation runs, so numbers are comparable with the paper's table: d1's test items,
+         subset and order (data/d1_eval.py: GSM8K and MATH500 in full, 256 of d1's Countdown and Sudoku files),
+         d1's evaluation prompts verbatim with "<reasoning>" prefilled, greedy decoding, block 32,
+         steps = gen_length // 2, 4 prompts per batch, and the whole generated canvas decoded WITH its special
+         tokens, as d1's parser sees it. One deliberate difference: batches are left-padded WITH an attention mask
+         (d1 attends to the pads, so its scores depend on which items share a batch); at --batch-size 1 the two
+         are the same computation.
+  clean  a leak-free setup of this project: generated Sudoku on solution grids held out from training, generated
+         Countdown, the training prompts (or --prompt-style compact), and the text up to the first EOS.
 
-    python eval.py --model tiny --task sudoku --prompt-style compact --gen-length 64 --limit 16
+Every generation is scored twice (scoring.py): by d1's parser bug for bug (--scoring d1, the default under the d1
+protocol, printed with two decimals as d1 prints it) and by our corrected parser (ours). summary.md shows both.
+Sudoku accuracy is the fraction of correctly filled blank cells over the whole set (d1); we also report the
+puzzle-level solve rate.
+
+    python eval.py --model tiny --protocol clean --task sudoku --prompt-style compact --gen-length 64 --limit 16
     torchrun --nproc_per_node=8 eval.py --model GSAI-ML/LLaDA-8B-Instruct --task all --gen-length 128 256 512
     python eval.py --rescore out/eval/generations.jsonl d1_outputs/gsm8k_256_rank*.json    # no model needed
 
 Outputs in --out-dir: generations.rank{R}.jsonl while running (appended per batch, so a crash loses at most one
-batch; a rerun skips items already there), then generations.jsonl (all ranks merged) and summary.md; run.json holds
-the settings, and a rerun with other settings into the same --out-dir is refused rather than silently mixed.
+batch; a rerun skips items already there), then generations.jsonl (all ranks merged; each record holds `question`
+and `input_text`, the exact text the tokenizer encoded) and summary.md; run.json holds the settings, and a rerun
+with other settings into the same --out-dir is refused rather than silently mixed.
 """
 
 import argparse
@@ -32,8 +40,11 @@ from tqdm import tqdm
 
 from common import add_model_args, compute_cleanup, compute_init, print0, setup_model
 from data import EVAL_PREFILL, TASKS, add_sudoku_args, load_task, sudoku_kwargs
-from rewards import score
-from sample import add_sampling_args, completion_mask, decode_completions, encode_prompts, generate
+from data.d1_eval import PREFILL as D1_PREFILL, load_d1_eval
+from sample import add_sampling_args, completion_mask, decode_completions, generate, pad_left, render_prompts
+from scoring import score, sudoku_puzzle_of
+
+SCORINGS = ("d1", "ours")
 
 EVAL_TASKS = [t for t in TASKS if t != "s1k"]
 
@@ -49,31 +60,39 @@ def ground_truth(task, row):
 
 
 def score_generation(task, generation, truth, question=""):
-    """Score one generation given the reference-format ground truth (Sudoku reads its puzzle from the question)."""
+    """Score one generation both ways, given the reference-format ground truth (Sudoku reads its puzzle from the
+    question, as d1's parser does). Returns {"d1": {...}, "ours": {...}}."""
     if task == "countdown":
         row = {"nums": truth[0], "target": truth[1]}
     elif task == "sudoku":
-        m = re.findall(r"(?<!\d)[0-4]{16}(?!\d)", question)
-        row = {"puzzle": m[-1] if m else "0" * 16, "solution": str(truth)}
+        row = {"puzzle": sudoku_puzzle_of(question), "solution": str(truth)}
     else:
         row = {"answer": truth}
-    return score(task, generation, row)
+    return {s: score(task, generation, row, s) for s in SCORINGS}
 
 
-def summarize(records):
-    """{(task, gen_length): metrics} from scored records. Sudoku accuracy is cell-level over the whole set (d1)."""
+def summarize(records, scoring="d1"):
+    """{(task, gen_length): metrics} from scored records: `accuracy` and `solved` by the chosen scoring, and
+    `accuracy_d1` / `accuracy_ours` side by side. Sudoku accuracy is cell-level over the whole set (d1)."""
     groups = defaultdict(list)
     for r in records:
         groups[(r["task"], r.get("gen_length"))].append(r)
     out = {}
     for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         n = len(rs)
-        row = {"n": n, "solved": sum(bool(r["correct"]) for r in rs) / n}
+        row = {"n": n}
+        for s in SCORINGS:
+            sc = [r["scores"][s] for r in rs]
+            row[f"solved_{s}"] = sum(bool(x["correct"]) for x in sc) / n
+            if key[0] == "sudoku":
+                row[f"accuracy_{s}"] = sum(x["correct_cells"] for x in sc) / max(1, sum(x["blank_cells"] for x in sc))
+                row[f"given_{s}"] = sum(x.get("given_copied", 0) for x in sc) / max(1, sum(x.get("given_cells", 0)
+                                                                                           for x in sc))
+            else:
+                row[f"accuracy_{s}"] = row[f"solved_{s}"]
+        row["accuracy"], row["solved"], row["scoring"] = row[f"accuracy_{scoring}"], row[f"solved_{scoring}"], scoring
         if key[0] == "sudoku":
-            blanks = sum(r["blank_cells"] for r in rs)
-            row["accuracy"] = sum(r["correct_cells"] for r in rs) / max(1, blanks)
-        else:
-            row["accuracy"] = row["solved"]
+            row["given"] = row[f"given_{scoring}"]  # given cells copied: a health check, not d1's score
         lengths = [r["length"] for r in rs if r.get("length") is not None]
         row["mean_length"] = sum(lengths) / len(lengths) if lengths else None
         tps = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s")]
@@ -83,14 +102,17 @@ def summarize(records):
 
 
 def markdown_table(summary):
-    lines = ["| task | gen length | n | accuracy % | solved % | mean length | gen tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+    """accuracy % and solved % by the chosen scoring; then d1's parser and ours side by side, two decimals (d1's
+    own print format)."""
+    lines = ["| task | gen length | n | accuracy % | solved % | d1 parser % | our parser % | mean length | "
+             "gen tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
     for (task, L), r in summary.items():
         ml = "-" if r["mean_length"] is None else f"{r['mean_length']:.1f}"
         tps = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
         lines.append(f"| {task} | {L or '-'} | {r['n']} | {100 * r['accuracy']:.1f} | {100 * r['solved']:.1f} | "
-                     f"{ml} | {tps} |")
-    return "\n".join(lines)
+                     f"{100 * r['accuracy_d1']:.2f} | {100 * r['accuracy_ours']:.2f} | {ml} | {tps} |")
+    scoring = next(iter(summary.values()))["scoring"] if summary else "d1"
+    return "\n".join(lines) + f"\n\n(accuracy and solved by the {scoring} parser; Sudoku accuracy counts blank cells)"
 
 
 def read_generation_file(path, task=None):
@@ -112,35 +134,67 @@ def read_generation_file(path, task=None):
              "ground_truth": g["ground_truth"]} for g in data["generations"]]
 
 
-def rescore(paths, task=None):
+def rescore(paths, task=None, scoring="d1"):
     """Re-score saved generations without a model; several per-rank files of one setup form one row."""
     records = []
     for p in paths:
         for r in read_generation_file(p, task):
-            s = score_generation(r["task"], r["generation"], r["ground_truth"], r.get("question", ""))
-            records.append({**r, **s})
-    return summarize(records)
+            records.append({**r, "scores": score_generation(r["task"], r["generation"], r["ground_truth"],
+                                                            r.get("question", ""))})
+    return summarize(records, scoring)
 
 
 # -----------------------------------------------------------------------------
 # Generation
 
 
+def data_path_for(task, args):
+    """--data-path: 'TASK=PATH' entries name their task; a bare PATH is for the one task being evaluated."""
+    for entry in args.data_path or []:
+        name, sep, path = entry.partition("=")
+        if sep and name == task:
+            return path
+        if not sep and args.task != "all":
+            return entry
+    return None
+
+
+def test_rows(task, args):
+    """The items of one task under the chosen protocol, as rows with `prompt`, `question` and scoring columns."""
+    if args.protocol == "d1":
+        rows = load_d1_eval(task, data_path_for(task, args))
+        return rows[:args.limit] if args.limit else rows
+    return list(load_task(task, "test", data_path_for(task, args), args.prompt_style, n=args.limit,
+                          seed=args.data_seed, **sudoku_kwargs(task, args)))
+
+
+def decode_for_scoring(tok, completion, eos_id, protocol):
+    """The text the parser sees. d1: the whole generated canvas with its special tokens (<|eot_id|>, the trailing
+    <|endoftext|> run), as d1 saves it; clean: the text up to the first EOS, special tokens removed."""
+    if protocol == "d1":
+        return tok.batch_decode(completion, skip_special_tokens=False)
+    return decode_completions(tok, completion, eos_id)
+
+
 def evaluate(model, tok, device, task, L, args, rank, world, out_dir):
     """Generate and score this rank's share of one (task, gen_length) setup, appending to its JSONL file."""
-    rows = load_task(task, "test", args.data_path, args.prompt_style, n=args.limit, seed=args.data_seed,
-                     **sudoku_kwargs(task, args))
+    rows = test_rows(task, args)
     path = os.path.join(out_dir, f"generations.rank{rank}.jsonl")
     done = {(r["task"], r["gen_length"], r["idx"]) for p in glob.glob(os.path.join(out_dir, "generations*.jsonl"))
             for r in read_generation_file(p)}
     todo = [i for i in range(rank, len(rows), world) if (task, L, i) not in done]  # shard items over ranks
-    prefill = EVAL_PREFILL if args.prefill is None and args.prompt_style == "d1" else (args.prefill or "")
+    if args.prefill is not None:
+        prefill = args.prefill
+    else:
+        prefill = D1_PREFILL if args.protocol == "d1" else (EVAL_PREFILL if args.prompt_style == "d1" else "")
     steps = args.steps or L // 2
+    eos = model.cfg.eos_token_id
     bar = tqdm(range(0, len(todo), args.batch_size), disable=rank != 0, desc=f"{task} L={L}", dynamic_ncols=True)
     for b in bar:
         idx = todo[b:b + args.batch_size]
         batch = [rows[i] for i in idx]
-        ids, mask = encode_prompts(tok, [r["prompt"] for r in batch], device, prefill)
+        inputs = render_prompts(tok, [r["prompt"] for r in batch], prefill)
+        ids, mask = pad_left([tok(t, add_special_tokens=False)["input_ids"] for t in inputs], tok.pad_token_id, device)
         t0 = time.perf_counter()
         # Sampling noise (temperature > 0, random remasking) from a generator seeded by (--seed, first item of the
         # batch): batches draw different noise, and a resumed run redraws exactly what the interrupted one drew.
@@ -149,20 +203,19 @@ def evaluate(model, tok, device, task, L, args, rank, world, out_dir):
                        temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
                        threshold=args.threshold, prefix_cache=args.prefix_cache, generator=g)
         dt = time.perf_counter() - t0
-        eos = model.cfg.eos_token_id
-        texts = decode_completions(tok, out.completion, eos)
+        texts = decode_for_scoring(tok, out.completion, eos, args.protocol)
         lengths = completion_mask(out.completion, eos).sum(1).tolist()
         with open(path, "a") as f:
-            for i, r, text, n in zip(idx, batch, texts, lengths):
+            for i, r, text, n, inp in zip(idx, batch, texts, lengths, inputs):
                 truth = ground_truth(task, r)
-                rec = {"task": task, "gen_length": L, "idx": i, "question": r["question"],
-                       "prompt": r["prompt"][-1]["content"], "generation": text, "ground_truth": truth,
-                       "length": n, "tokens_per_s": len(batch) * L / dt,
-                       **score_generation(task, text, truth, r["question"])}
+                scores = score_generation(task, text, truth, r["question"])
+                rec = {"task": task, "gen_length": L, "idx": i, "question": r["question"], "input_text": inp,
+                       "generation": text, "ground_truth": truth, "length": n, "tokens_per_s": len(batch) * L / dt,
+                       **scores[args.scoring], "scores": scores}
                 f.write(json.dumps(rec) + "\n")
 
 
-def merge(out_dir):
+def merge(out_dir, scoring):
     """All ranks' records -> generations.jsonl (sorted, one per item) and summary.md; returns the summary."""
     recs = {}
     for p in sorted(glob.glob(os.path.join(out_dir, "generations*.jsonl"))):
@@ -175,7 +228,7 @@ def merge(out_dir):
     os.replace(os.path.join(out_dir, "generations.jsonl.tmp"), os.path.join(out_dir, "generations.jsonl"))
     for p in glob.glob(os.path.join(out_dir, "generations.rank*.jsonl")):
         os.remove(p)
-    summary = summarize(records)
+    summary = summarize(records, scoring)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(markdown_table(summary) + "\n")
     return summary
@@ -183,7 +236,7 @@ def merge(out_dir):
 
 # What decides the generations. A rerun into an out-dir that holds generations skips the items already there (that
 # is how an interrupted run resumes), so those items must come from the same model and settings.
-RUN_KEYS = ("model", "adapter", "dtype", "data_path", "prompt_style", "prefill", "data_seed", "blanks", "block_length",
+RUN_KEYS = ("protocol", "model", "adapter", "dtype", "data_path", "prompt_style", "prefill", "data_seed", "blanks", "block_length",
             "steps", "temperature", "cfg_scale", "remasking", "threshold", "prefix_cache", "seed")
 
 
@@ -207,30 +260,53 @@ def check_run_config(args, rank):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="d1 evaluation: generate, score, summarise; or --rescore saved files.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description="d1 evaluation: generate, score, summarise; or --rescore saved files. The default protocol is "
+                    "d1's own (its test items, prompts, decoding and parser), because the point of evaluating a d1 "
+                    "model is to compare with the paper's table; --protocol clean is the leak-free setup.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(ap)
+    ap.add_argument("--protocol", default="d1", choices=["d1", "clean"],
+                    help="d1: d1's items (GSM8K, MATH500 in full; 256 of d1's Countdown and Sudoku files), prompts, "
+                         "decoding and canvas decoding, for numbers comparable with the paper. clean: generated "
+                         "Sudoku on held-out grids, generated Countdown, training prompts, text up to EOS")
+    ap.add_argument("--scoring", default=None, choices=list(SCORINGS),
+                    help="the parser behind `accuracy` (both are always computed and shown): d1 = d1's "
+                         "parse_and_get_acc.py bug for bug, ours = corrected (default: d1 under --protocol d1, "
+                         "ours under clean)")
     ap.add_argument("--task", default="all", choices=EVAL_TASKS + ["all"], help="task to evaluate")
-    ap.add_argument("--data-path", default=None, help="local test file (Sudoku: d1's CSV) instead of the default")
-    ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's prompts or compact ones")
-    ap.add_argument("--prefill", default=None, help="text after the assistant header (default '<reasoning>' for d1)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (default: d1's sizes)")
-    ap.add_argument("--data-seed", type=int, default=0, help="seed of generated test sets (Sudoku, Countdown)")
+    ap.add_argument("--data-path", default=None, nargs="+", metavar="[TASK=]PATH",
+                    help="local test files instead of the defaults (d1: GSM8K/MATH500 instead of the hub; Countdown/"
+                         "Sudoku instead of data/d1/); with --task all name each: gsm8k=G.jsonl math=M.jsonl")
+    ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"],
+                    help="--protocol clean only: d1's training prompts or compact ones")
+    ap.add_argument("--prefill", default=None,
+                    help="text after the assistant header (default: '<reasoning>' for d1 prompts, none for compact)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (default: all of them)")
+    ap.add_argument("--data-seed", type=int, default=0, help="--protocol clean: seed of the generated test sets")
     add_sudoku_args(ap)
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call per rank")
+    ap.add_argument("--batch-size", type=int, default=4, help="prompts per generate call per rank (d1: 4)")
     add_sampling_args(ap, gen_length=[128, 256, 512], block_length=32, steps=None, temperature=0.0,
                       several_lengths=True)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (with --temperature > 0)")
+    ap.add_argument("--seed", type=int, default=42, help="seed of the sampling noise (with --temperature > 0)")
     ap.add_argument("--out-dir", default="out/eval", help="where generations and summary go")
     ap.add_argument("--rescore", nargs="+", default=None, metavar="FILE",
-                    help="re-score saved generations (our .jsonl or the reference's .json) and exit; no model")
-    return ap.parse_args(argv)
+                    help="re-score saved generations (our .jsonl or d1's .json) and exit; no model. Prints d1's "
+                         "accuracy (two decimals) and ours beside it")
+    args = ap.parse_args(argv)
+    if args.protocol == "d1" and args.prompt_style != "d1":
+        ap.error("--prompt-style compact needs --protocol clean (the d1 protocol uses d1's evaluation prompts)")
+    args.scoring = args.scoring or ("d1" if args.protocol == "d1" else "ours")
+    bare = [p for p in args.data_path or [] if "=" not in p]
+    if bare and (args.task == "all" or len(args.data_path) > 1):
+        ap.error(f"--data-path {bare[0]}: with --task all or several paths, name the task: gsm8k={bare[0]}")
+    return args
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.rescore:
-        summary = rescore(args.rescore, None if args.task == "all" else args.task)
+        summary = rescore(args.rescore, None if args.task == "all" else args.task, args.scoring)
         print(markdown_table(summary))
         return summary
     rank, local_rank, world, device = compute_init(args.device)
@@ -242,7 +318,7 @@ def main(argv=None):
                 evaluate(model, tok, device, task, L, args, rank, world, args.out_dir)
     if world > 1:
         dist.barrier()
-    summary = merge(args.out_dir) if rank == 0 else None
+    summary = merge(args.out_dir, args.scoring) if rank == 0 else None
     if rank == 0:
         print0(markdown_table(summary))
         print0(f"generations: {os.path.join(args.out_dir, 'generations.jsonl')} | table: "

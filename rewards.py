@@ -1,6 +1,6 @@
 """
-Rewards (for diffu-GRPO) and evaluation scoring (for eval.py) of the four d1 tasks, in one place so that training and
-evaluation share the same extraction helpers.
+The rewards diffu-GRPO trains on, for the four d1 tasks, and the extraction helpers (answer blocks, boxed
+contents, a bounded arithmetic evaluator, MATH answer normalisation) that evaluation scoring reuses.
 
 Reward functions have TRL's signature
     f(prompts, completions, **dataset_columns) -> list[float]
@@ -8,10 +8,10 @@ where a completion is a string or a chat-message list ([{"role": "assistant", "c
 no printing, no global state, and they cannot hang: arithmetic goes through a small bounded parser (never eval), and
 every input string, however hostile, returns a float.
 
-Scoring functions (score_*) reproduce d1's evaluation parsers, which differ from the training rewards (e.g. GSM8K
-evaluation reads the first \\boxed{} that parses as a number, the training reward compares the <answer> text).
+Evaluation scoring (d1's parser and ours) lives in scoring.py and reuses the extraction helpers below.
 """
 
+import math
 import re
 
 MAX_CHARS = 20_000  # completions are at most a few thousand characters; longer inputs are cut (keeps regexes O(1))
@@ -78,30 +78,32 @@ def boxed_contents(text):
 
 
 # -----------------------------------------------------------------------------
-# A bounded arithmetic evaluator: numbers, + - * /, unary +/-, parentheses. Limits on length, nesting depth and
-# magnitude; division by zero and anything else (including '**') give None. Never eval().
+# A bounded arithmetic evaluator: numbers, + - * /, unary +/-, parentheses (and, for d1's evaluation scorer only,
+# Python's '**'). Limits on length, nesting depth and magnitude; division by zero and anything else give None.
+# Never eval().
 
 MAX_EXPR_LEN, MAX_DEPTH, MAX_ABS = 200, 32, 1e15
-_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(.))")
+_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(\*\*|.))")
 
 
-def safe_eval(expr):
-    """Value of an arithmetic expression as a float, or None if it is not one we accept."""
+def safe_eval(expr, python_power=False):
+    """Value of an arithmetic expression as a float, or None if it is not one we accept. By default '**' is
+    invalid (the prompt offers + - * / only, and d1's eval of it can hang its trainer). python_power=True scores as
+    Python's eval would where eval terminates: '**' binds tighter than unary minus and is right-associative, a
+    result beyond MAX_ABS is None (far from any target), and an integer literal with a leading zero ('07') is a
+    syntax error, as in Python 3."""
     if not isinstance(expr, str) or len(expr) > MAX_EXPR_LEN:
         return None
     tokens = []
     for num, op in _TOKEN.findall(expr):
         if num:
-            if len(num) > 20:
+            if len(num) > 20 or (python_power and re.fullmatch(r"0+[1-9]\d*", num)):
                 return None
             tokens.append(float(num))
-        elif op in "+-*/()":
+        elif op in ("+", "-", "*", "/", "(", ")") or (op == "**" and python_power):
             tokens.append(op)
         elif op.strip():
             return None
-    if "*" in tokens and any(a == b == "*" for a, b in zip(tokens, tokens[1:])):
-        return None  # '**' (power) is not offered by the prompt and could blow up: invalid
-
     pos = 0
 
     def peek():
@@ -114,8 +116,7 @@ def safe_eval(expr):
             op = tokens[pos]
             pos += 1
             w = term(depth)
-            v = v + w if op == "+" else v - w
-            check(v)
+            v = check(v + w if op == "+" else v - w)
         return v
 
     def term(depth):  # term := unary (('*'|'/') unary)*
@@ -127,11 +128,10 @@ def safe_eval(expr):
             w = unary(depth)
             if op == "/" and w == 0:
                 raise ValueError("division by zero")
-            v = v * w if op == "*" else v / w
-            check(v)
+            v = check(v * w if op == "*" else v / w)
         return v
 
-    def unary(depth):  # unary := ('+'|'-') unary | atom
+    def unary(depth):  # unary := ('+'|'-') unary | power
         nonlocal pos
         if depth > MAX_DEPTH:
             raise ValueError("too deep")
@@ -140,7 +140,22 @@ def safe_eval(expr):
             pos += 1
             v = unary(depth + 1)
             return -v if op == "-" else v
-        return atom(depth)
+        return power(depth)
+
+    def power(depth):  # power := atom ['**' unary]   (right-associative, as in Python)
+        nonlocal pos
+        v = atom(depth)
+        if peek() == "**":
+            pos += 1
+            w = unary(depth + 1)
+            if v == 0 and w < 0:
+                raise ValueError("division by zero")
+            if v < 0 and w != int(w):
+                raise ValueError("complex result")
+            if abs(v) > 1 and w * math.log10(abs(v)) > 15:
+                raise ValueError("too large")
+            v = check(v ** w)
+        return v
 
     def atom(depth):  # atom := number | '(' expr ')'
         nonlocal pos
@@ -160,11 +175,12 @@ def safe_eval(expr):
     def check(v):
         if abs(v) > MAX_ABS:
             raise ValueError("too large")
+        return v
 
     try:
         v = expr_(0)
         return v if pos == len(tokens) and tokens else None
-    except (ValueError, RecursionError, OverflowError):
+    except (ValueError, RecursionError, OverflowError, ZeroDivisionError):
         return None
 
 
@@ -224,12 +240,15 @@ def correctness_reward_func(prompts, completions, answer, **kw):
 # MATH rewards and the standard MATH answer normalisation (Hendrycks et al. 2021).
 
 
-def _fix_fracs(s):
-    """\\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}."""
+def _fix_fracs(s, d1=False):
+    """\\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}. d1 (MATH's original): an empty piece after
+    \\frac raises (IndexError), a one-character piece returns the input unchanged."""
     parts = s.split("\\frac")
     out = parts[0]
     for p in parts[1:]:
         out += "\\frac"
+        if d1 and (p[0] != "{" and len(p) < 2):  # p[0] raises on an empty piece, as in the original
+            return s
         if p.startswith("{") or len(p) < 2:
             out += p
             continue
@@ -238,27 +257,39 @@ def _fix_fracs(s):
     return out
 
 
-def _fix_a_slash_b(s):
+def _fix_a_slash_b(s, d1=False):
+    """'3/4' -> \\frac{3}{4} for integers; d1 (MATH's original): int() of a non-integer side raises."""
     if s.count("/") != 1:
         return s
     a, b = s.split("/")
+    if d1:
+        a, b = int(a), int(b)  # ValueError propagates: is_equiv then compares the raw strings
+        return "\\frac{" + str(a) + "}{" + str(b) + "}" if s == f"{a}/{b}" else s
     if re.fullmatch(r"-?\d{1,15}", a) and re.fullmatch(r"\d{1,15}", b):
         return "\\frac{" + str(int(a)) + "}{" + str(int(b)) + "}"
     return s
 
 
-def _fix_sqrt(s):
-    return re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+def _fix_sqrt(s, d1=False):
+    """\\sqrt3 -> \\sqrt{3}. d1 (MATH's original): any one character is wrapped, and a trailing \\sqrt raises."""
+    if not d1:
+        return re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    parts = s.split("\\sqrt")
+    return parts[0] + "".join("\\sqrt" + p if p[0] == "{" else "\\sqrt{" + p[0] + "}" + p[1:] for p in parts[1:])
 
 
-def normalize_math(s):
-    """The standard MATH normalisation used by d1's evaluation, step by step."""
+def strip_math_answer(s, d1=False):
+    """The standard MATH answer normalisation (Hendrycks et al. 2021), step by step. d1=True is the original
+    exactly as d1's evaluation runs it, raising where it raises (is_equiv then falls back to raw equality); ours
+    also drops a plain '%' (the original's second replace is of "\\%" again) and never raises."""
     s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
     if "\\text{ " in s:  # units on the right: "5 \text{ cm}" -> "5 "
+        if d1 and s.count("\\text{ ") != 1:
+            raise ValueError("the original asserts a single \\text{ ")
         s = s.split("\\text{ ")[0]
-    s = s.replace("\\%", "").replace("%", "")
+    s = s.replace("\\%", "") if d1 else s.replace("\\%", "").replace("%", "")
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s
@@ -266,17 +297,18 @@ def normalize_math(s):
         s = "0" + s
     if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:  # "x = 3" -> "3"
         s = s.split("=")[1]
-    s = _fix_sqrt(s).replace(" ", "")
-    s = _fix_fracs(s)
+    s = _fix_sqrt(s, d1).replace(" ", "")
+    s = _fix_fracs(s, d1)
     if s == "0.5":
         s = "\\frac{1}{2}"
-    return _fix_a_slash_b(s)
+    return _fix_a_slash_b(s, d1)
 
 
 def math_equiv(a, b):
+    """Ours: equal after normalisation; None is never equivalent."""
     if a is None or b is None:
         return False
-    return normalize_math(str(a)) == normalize_math(str(b))
+    return strip_math_answer(str(a)) == strip_math_answer(str(b))
 
 
 def last_boxed(text):
@@ -356,120 +388,3 @@ REWARDS = {
     "countdown": [(countdown_reward_func, 1.0)],
     "sudoku": [(sudoku_reward_func, 1.0)],
 }
-
-
-# -----------------------------------------------------------------------------
-# Evaluation scoring, exactly as d1's evaluation parses generations.
-
-_NUM = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
-
-
-def _to_float(s):
-    try:
-        s = s.replace(",", "").strip()
-        return float(s) if len(s) < 40 else None
-    except (ValueError, AttributeError):
-        return None
-
-
-def parse_gsm8k(text):
-    """First \\boxed{} whose content is a number; else the first number inside the first box; else the first
-    <answer> block as a number, else its last number. None if nothing is found."""
-    text = text[:MAX_CHARS]
-    boxes = boxed_contents(text)
-    for b in boxes:
-        v = _to_float(b)
-        if v is not None:
-            return v
-    if boxes:
-        nums = _NUM.findall(boxes[0])
-        if nums:
-            return _to_float(nums[0])
-    block = first_answer_block(text)
-    if block is not None:
-        v = _to_float(block)
-        if v is not None:
-            return v
-        nums = _NUM.findall(block)
-        if nums:
-            return _to_float(nums[-1])
-    return None
-
-
-def gsm8k_reference(answer):
-    """'... #### 1,234' -> 1234.0"""
-    return _to_float(str(answer).split("####")[-1])
-
-
-def score_gsm8k(text, answer):
-    pred, ref = parse_gsm8k(text), gsm8k_reference(answer)
-    return dict(extracted=pred, correct=pred is not None and ref is not None and pred == ref)
-
-
-def parse_math(text):
-    text = text[:MAX_CHARS]
-    b = last_boxed(text)
-    if b is not None:
-        return b
-    block = first_answer_block(text)
-    return block.strip() if block is not None else None
-
-
-def score_math(text, answer):
-    pred = parse_math(text)
-    return dict(extracted=pred, correct=math_equiv(pred, answer))
-
-
-def parse_countdown(text):
-    text = text[:MAX_CHARS]
-    b = last_boxed(text)
-    if b is None:
-        b = first_answer_block(text)
-        b = text if b is None else b
-    b = b.replace("\\div", "/").replace("\\times", "*").replace("\\cdot", "*").strip()
-    m = re.fullmatch(r"(.*?)=\s*-?[\d.]+\s*", b, re.DOTALL)  # "expr = number" -> expr
-    return (m.group(1) if m else b).strip()
-
-
-def score_countdown(text, nums, target):
-    expr = parse_countdown(text)
-    return dict(extracted=expr, correct=_countdown_score(expr, nums, target, partial=0.0) == 1.0)
-
-
-_SUDOKU_AFTER_ANSWER = [re.compile(r"<answer>.*?```\s*([\d\s]+?)\s*```", re.DOTALL),  # digits in a code block
-                        re.compile(r"<answer>(.*?)(?:</answer>|<\|eot_id\|>|<\|endoftext\|>)", re.DOTALL)]
-_SUDOKU_ANYWHERE = [re.compile(r"</answer>(.*)", re.DOTALL),  # the text after </answer>
-                    re.compile(r"(\d{16})\s*</answer>"),  # 16 digits just before </answer>
-                    re.compile(r"(?<!\d)(\d{16})(?!\d)")]  # any standalone run of 16 digits
-
-
-def parse_sudoku(text):
-    """d1's chain of fallbacks for the 16-character solution string (whitespace removed, padded/cut to 16).
-    The two <answer> patterns are tried at the FIRST <answer> only: that is where re.search would succeed if
-    anywhere (the lazy .*? from the first tag covers every later one), and it keeps the cost linear."""
-    text = text[:MAX_CHARS]
-    first = text.find("<answer>")
-    found = [p.match(text, first) for p in _SUDOKU_AFTER_ANSWER] if first >= 0 else []
-    for m in found + [p.search(text) for p in _SUDOKU_ANYWHERE]:
-        if m and m.group(1).strip():
-            return pad16(re.sub(r"\s", "", m.group(1)))
-    return pad16("")
-
-
-def score_sudoku(text, puzzle, solution):
-    ans = parse_sudoku(text)
-    correct, blanks = sudoku_cells(ans, puzzle, solution)
-    return dict(extracted=ans, correct_cells=correct, blank_cells=blanks, correct=correct == blanks)
-
-
-def score(task, text, row):
-    """Score one generation against a dataset row (the columns each task's loader provides)."""
-    if task == "gsm8k":
-        return score_gsm8k(text, row["answer"])
-    if task == "math":
-        return score_math(text, row["answer"])
-    if task == "countdown":
-        return score_countdown(text, row["nums"], row["target"])
-    if task == "sudoku":
-        return score_sudoku(text, row["puzzle"], row["solution"])
-    raise ValueError(f"unknown task {task!r}")

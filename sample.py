@@ -213,11 +213,16 @@ def decode_completions(tokenizer, completion, eos_id):
     return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(completion, keep)]
 
 
+def render_prompts(tokenizer, texts, prefill=""):
+    """The exact text the model is given: each user text (or chat message list) through the chat template (LLaDA's
+    always ends with the assistant header), then an optional prefill (d1's evaluation starts with '<reasoning>')."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}] if isinstance(t, str) else t,
+                                          tokenize=False) + prefill for t in texts]
+
+
 def encode_prompts(tokenizer, texts, device="cpu", prefill=""):
-    """Chat-template each user text (LLaDA's template always ends with the assistant header), optionally append a
-    prefill (d1's evaluation starts the answer with '<reasoning>'), and left-pad into (ids, attention_mask)."""
-    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) + prefill
-                if isinstance(t, str) else tokenizer.apply_chat_template(t, tokenize=False) + prefill for t in texts]
+    """render_prompts, tokenized and left-padded into (ids, attention_mask)."""
+    rendered = render_prompts(tokenizer, texts, prefill)
     return pad_left([tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered], tokenizer.pad_token_id,
                     device)
 

@@ -16,5 +16,5 @@ python3 sft.py --model tiny --task sudoku --prompt-style compact --max-length 96
   --batch-size 32 --micro-batch-size 32 --max-steps 1000 --lr 3e-3 --warmup-steps 50 --eval-every 250 --eps 0.2 \
   --out-dir $OUT/sft
 echo "== 4. evaluation on held-out puzzles (solution grids never seen in training)"
-python3 eval.py --model $OUT/sft/final --task sudoku --prompt-style compact --gen-length 48 --block-length 16 \
+python3 eval.py --protocol clean --model $OUT/sft/final --task sudoku --prompt-style compact --gen-length 48 --block-length 16 \
   --limit 256 --batch-size 64 --out-dir $OUT/eval

@@ -52,16 +52,17 @@ def smooth(ys, k=5):
 def main(out):
     with open(os.path.join(out, "timings.json")) as f:
         info = json.load(f)
-    lines = ["| model | solve rate % (greedy) | cell accuracy % (greedy) | mean reward, greedy | "
-             "mean reward, sampled as in RL | stage wall-clock (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| model | solve rate % (greedy) | cell accuracy % (greedy) | given cells copied % | mean reward, greedy | "
+             "mean reward, sampled as in RL | stage wall-clock (s) |", "|---|---|---|---|---|---|---|"]
     results = {}
     for key, name in ROWS:
         recs = read_generation_file(os.path.join(out, f"eval_{key}", "generations.jsonl"))
         sampled = read_generation_file(os.path.join(out, f"eval_sampled_{key}", "generations.jsonl"))
-        s = next(iter(summarize(recs).values()))
-        results[key] = dict(solved=s["solved"], accuracy=s["accuracy"], reward=heldout_reward(recs),
+        s = next(iter(summarize(recs, "ours").values()))
+        results[key] = dict(solved=s["solved"], accuracy=s["accuracy"], given=s["given"], reward=heldout_reward(recs),
                             sampled_reward=heldout_reward(sampled), n=s["n"])
-        lines.append(f"| {name} | {100 * s['solved']:.1f} | {100 * s['accuracy']:.1f} | {results[key]['reward']:.3f} | "
+        lines.append(f"| {name} | {100 * s['solved']:.1f} | {100 * s['accuracy']:.1f} | {100 * s['given']:.1f} | "
+                     f"{results[key]['reward']:.3f} | "
                      f"{results[key]['sampled_reward']:.3f} | {info.get(key, float('nan')):.0f} |")
     table = "\n".join(lines)
     n = results["sft"]["n"]

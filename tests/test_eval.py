@@ -2,11 +2,13 @@ import json
 import os
 
 import pytest
+import torch
 
 import eval as E
+import model as M
 from conftest import launch
 
-TINY_EVAL = ["--model", "tiny", "--prompt-style", "compact", "--gen-length", "32", "--block-length", "16",
+TINY_EVAL = ["--model", "tiny", "--protocol", "clean", "--prompt-style", "compact", "--gen-length", "32", "--block-length", "16",
              "--limit", "5", "--batch-size", "2"]
 
 
@@ -22,7 +24,7 @@ TINY_EVAL = ["--model", "tiny", "--prompt-style", "compact", "--gen-length", "32
     ("sudoku", "<answer>\n1432324141232314\n</answer>", "1432324141232314", "puzzle 1030020040000301", True),
 ])
 def test_scoring_of_hand_written_generations(task, text, truth, question, correct):
-    assert E.score_generation(task, text, truth, question)["correct"] is correct
+    assert E.score_generation(task, text, truth, question)["ours"]["correct"] is correct
 
 
 def test_rescore_of_reference_format_files_aggregates_ranks_by_hand(tmp_path):
@@ -37,8 +39,9 @@ def test_rescore_of_reference_format_files_aggregates_ranks_by_hand(tmp_path):
     for name, gens in [("gsm8k_256_rank0.json", gsm), ("gsm8k_256_rank1.json", gsm_r1), ("sudoku_128_rank0.json", sud)]:
         (tmp_path / name).write_text(json.dumps({"generations": gens, "metrics": {}}))
         files.append(str(tmp_path / name))
-    summary = E.rescore(files)
-    assert summary[("gsm8k", 256)]["n"] == 3 and summary[("gsm8k", 256)]["accuracy"] == pytest.approx(2 / 3)
+    summary = E.rescore(files)  # d1's parser by default: "\\boxed{1,000}" is 1.0 for it, 1000 for ours
+    assert summary[("gsm8k", 256)]["n"] == 3 and summary[("gsm8k", 256)]["accuracy"] == pytest.approx(1 / 3)
+    assert summary[("gsm8k", 256)]["accuracy_ours"] == pytest.approx(2 / 3)
     # Sudoku: 10 blanks per puzzle; the second answer gets cell 1 wrong -> (10 + 9) / 20 cells, 1 of 2 solved
     assert summary[("sudoku", 128)]["accuracy"] == pytest.approx(19 / 20)
     assert summary[("sudoku", 128)]["solved"] == pytest.approx(0.5)
@@ -73,14 +76,28 @@ def test_two_rank_gloo_run_gives_the_same_records_as_one_rank(tmp_path):
     assert records(tmp_path / "one" / "generations.jsonl") == records(tmp_path / "two" / "generations.jsonl")
 
 
-def test_scores_do_not_depend_on_batch_size(tmp_path):
-    base = ["--model", "tiny", "--prompt-style", "d1", "--gen-length", "32", "--block-length", "16", "--limit", "5",
-            "--task", "sudoku"]
+def test_d1_protocol_scores_do_not_depend_on_batch_size_and_records_what_was_encoded(tmp_path):
+    """d1's protocol on d1's own Sudoku file: with the attention mask, batch 1 and batch 5 give the same
+    generations (d1's unmasked batches would not); each record keeps d1's question and the exact input text."""
+    base = ["--model", "tiny", "--gen-length", "32", "--block-length", "16", "--limit", "5", "--task", "sudoku"]
     E.main(base + ["--batch-size", "1", "--out-dir", str(tmp_path / "b1")])
     E.main(base + ["--batch-size", "5", "--out-dir", str(tmp_path / "b5")])
     a, b = records(tmp_path / "b1" / "generations.jsonl"), records(tmp_path / "b5" / "generations.jsonl")
     assert [r["generation"] for r in a] == [r["generation"] for r in b]
-    assert a[0]["prompt"].startswith("\nPlease solve the following 4x4 Sudoku puzzle.")
+    assert a[0]["question"].startswith("Solve the following Sudoku puzzle: ") and a[0]["question"].endswith("\n")
+    assert a[0]["input_text"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n<reasoning>")
+    summary = open(tmp_path / "b1" / "summary.md").read()
+    assert "d1 parser %" in summary and "our parser %" in summary
+
+
+def test_d1_protocol_scores_the_whole_canvas_with_special_tokens_and_clean_stops_at_eos():
+    tok = M.tiny_tokenizer()
+    text = "<answer>\n1234123412341234\n</answer>"
+    ids = tok(text + "<|eot_id|><|endoftext|><|endoftext|>" + "77", add_special_tokens=False)["input_ids"]
+    completion = torch.tensor([ids])
+    assert E.decode_for_scoring(tok, completion, tok.eos_token_id, "d1") == \
+        [text + "<|eot_id|><|endoftext|><|endoftext|>77"]
+    assert E.decode_for_scoring(tok, completion, tok.eos_token_id, "clean") == [text]
 
 
 def test_a_rerun_with_other_settings_into_the_same_out_dir_is_refused(tmp_path):

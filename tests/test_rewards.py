@@ -4,6 +4,7 @@ import time
 import pytest
 
 import rewards as R
+import scoring as S
 
 GOOD = "<reasoning>\nthink\n</reasoning>\n<answer>\n72\n</answer>\n"
 
@@ -96,40 +97,6 @@ def test_safe_eval():
     assert R.safe_eval("(" * 100 + "1" + ")" * 100) is None
 
 
-def test_gsm8k_scoring_boxed_first_then_answer_fallbacks():
-    assert R.score_gsm8k("so \\boxed{72} and \\boxed{5}", "#### 72")["correct"]
-    assert R.score_gsm8k("\\boxed{x} \\boxed{72}", "#### 72")["correct"]  # first box that parses
-    assert R.score_gsm8k("\\boxed{72 clips}", "#### 72")["correct"]  # first number inside the box
-    assert R.score_gsm8k("<answer>1,200</answer>", "#### 1,200")["correct"]
-    assert R.score_gsm8k("<answer>she sold 10 then 72</answer>", "#### 72")["correct"]  # last number
-    assert not R.score_gsm8k("72", "#### 72")["correct"]  # no box, no answer tag
-    assert not R.score_gsm8k("\\boxed{71}", "#### 72")["correct"]
-
-
-def test_math_scoring_last_box_then_answer_tag():
-    assert R.score_math("\\boxed{1} then \\boxed{\\frac{1}{2}}", "0.5")["correct"]
-    assert R.score_math("<answer> 3 </answer>", "3")["correct"]
-    assert R.score_math("\\boxed{\\frac{a}{\\sqrt{b}}}", "\\frac{a}{\\sqrt{b}}")["extracted"] == "\\frac{a}{\\sqrt{b}}"
-
-
-def test_countdown_scoring():
-    assert R.score_countdown("\\boxed{44 + 19 + 35}", [44, 19, 35], 98)["correct"]
-    assert R.score_countdown("<answer>44 + 19 + 35 = 98</answer>", [44, 19, 35], 98)["correct"]
-    assert R.score_countdown("(44 \\times 1) + 19 + 35", [44, 19, 35, 1], 98)["correct"]  # whole text
-    assert not R.score_countdown("<answer>44 + 19</answer>", [44, 19, 35], 98)["correct"]
-
-
-def test_sudoku_scoring_fallback_chain():
-    p, s = "1030020040000301", "1432324141232314"
-    assert R.parse_sudoku(f"<answer>\n```\n{s}\n```\n</answer>") == s
-    assert R.parse_sudoku(f"<answer>\n{s}<|eot_id|>") == s
-    assert R.parse_sudoku(f"blah </answer> {s}") == s
-    assert R.parse_sudoku(f"the grid is {s}. done") == s
-    assert R.parse_sudoku("<answer>1432 3241</answer>") == "1432324100000000"
-    r = R.score_sudoku(f"<answer>{s}</answer>", p, s)
-    assert r["correct_cells"] == r["blank_cells"] == p.count("0") and r["correct"]
-
-
 ADVERSARIAL = ["", "9**9**9**9", "<answer>9**9**9**9</answer>", "(" * 10_000 + ")" * 10_000,
                "<answer>" + "(" * 5000 + "1" + ")" * 5000 + "</answer>", "1" * 1_000_000,
                "<answer>" + "1" * 1_000_000 + "</answer>", "\\boxed{" * 3000, "\\boxed{" + "{" * 5000,
@@ -142,10 +109,11 @@ def _all_scorers():
     cols = dict(answer=["72"], nums=[[44, 19, 35]], target=[98], puzzle=["1030020040000301"],
                 solution=["1432324141232314"])
     fns = [(fn.__name__, lambda t, fn=fn: fn(["p"], [t], **cols)[0]) for fs in R.REWARDS.values() for fn, _ in fs]
-    fns += [("score_gsm8k", lambda t: R.score_gsm8k(t, "#### 72")["correct"]),
-            ("score_math", lambda t: R.score_math(t, "\\frac{1}{2}")["correct"]),
-            ("score_countdown", lambda t: R.score_countdown(t, [44, 19, 35], 98)["correct"]),
-            ("score_sudoku", lambda t: R.score_sudoku(t, "1030020040000301", "1432324141232314")["correct_cells"])]
+    rows = {"gsm8k": {"answer": "#### 72"}, "math": {"answer": "\\frac{1}{2}"},
+            "countdown": {"nums": [44, 19, 35], "target": 98},
+            "sudoku": {"puzzle": "1030020040000301", "solution": "1432324141232314"}}
+    fns += [(f"score {task} {s}", lambda t, task=task, row=row, s=s: S.score(task, t, row, s)["correct"])
+            for task, row in rows.items() for s in ("d1", "ours")]
     return fns
 
 

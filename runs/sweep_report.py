@@ -1,0 +1,67 @@
+"""
+The table of runs/tiny_sudoku_sweep.sh: every run's results.json (runs/tiny_report.py) -> per-model mean, spread
+(standard deviation, min, max) and worst run, and the differences that matter (RL - SFT, RL - control) per run.
+Writes OUT/sweep.md and OUT/sweep.json.
+
+    python runs/sweep_report.py out/tiny_sudoku_sweep
+"""
+
+import glob
+import json
+import os
+import statistics
+import sys
+
+MODELS = [("sft", "SFT"), ("sft_cont", "SFT continued (control)"), ("grpo", "SFT + diffu-GRPO")]
+METRICS = [("solved", "solved %"), ("accuracy", "cells %"), ("given", "given cells copied %")]
+
+
+def stats(xs):
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "min": min(xs),
+            "max": max(xs)}
+
+
+def main(root):
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(root, "*", "results.json"))):
+        with open(path) as f:
+            runs[os.path.basename(os.path.dirname(path))] = json.load(f)
+    if not runs:
+        sys.exit(f"no results.json under {root}")
+    lines = [f"{len(runs)} runs of runs/tiny_sudoku.sh ({', '.join(runs)}); percentages of 512 held-out puzzles, "
+             "greedy one-step decoding.", "", "Per run:", "",
+             "| run | SFT solved / cells | control solved / cells | RL solved / cells | RL - SFT solved | "
+             "RL - control solved |", "|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        cell = lambda k: f"{100 * r[k]['solved']:.1f} / {100 * r[k]['accuracy']:.1f}"
+        lines.append(f"| {name} | {cell('sft')} | {cell('sft_cont')} | {cell('grpo')} | "
+                     f"{100 * (r['grpo']['solved'] - r['sft']['solved']):+.1f} | "
+                     f"{100 * (r['grpo']['solved'] - r['sft_cont']['solved']):+.1f} |")
+    summary = {}
+    lines += ["", "Over all runs (mean +- standard deviation [min, max]):", "",
+              "| model | " + " | ".join(m for _, m in METRICS) + " |", "|---|---|---|---|"]
+    for key, label in MODELS:
+        summary[key] = {m: stats([100 * r[key].get(m, float("nan")) for r in runs.values()]) for m, _ in METRICS}
+        lines.append(f"| {label} | " + " | ".join(
+            f"{s['mean']:.1f} +- {s['std']:.1f} [{s['min']:.1f}, {s['max']:.1f}]"
+            for s in (summary[key][m] for m, _ in METRICS)) + " |")
+    lines += ["", "| difference, solved points | mean | std | worst run | best run | runs > 0 |", "|---|---|---|---|---|---|"]
+    for key, label, other in [("rl_minus_sft", "RL - SFT", "sft"), ("rl_minus_control", "RL - control", "sft_cont")]:
+        d = [100 * (r["grpo"]["solved"] - r[other]["solved"]) for r in runs.values()]
+        summary[key] = {**stats(d), "positive": sum(x > 0 for x in d), "n": len(d)}
+        s = summary[key]
+        lines.append(f"| {label} | {s['mean']:+.1f} | {s['std']:.1f} | {s['min']:+.1f} | {s['max']:+.1f} | "
+                     f"{s['positive']} of {len(d)} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(root, "sweep.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(root, "sweep.json"), "w") as f:
+        json.dump({"runs": runs, "summary": summary}, f, indent=2)
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])

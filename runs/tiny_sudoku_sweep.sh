@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The robustness protocol of the tiny demo: runs/tiny_sudoku.sh over several seeds x two kernel settings, then one
+# table of mean, spread and worst run (runs/sweep_report.py -> OUT/sweep.md, OUT/sweep.json).
+#   native   this machine's vector kernels
+#   default  ATEN_CPU_CAPABILITY=default, PyTorch's portable kernels: they round like another CPU would (the thread
+#            count alone does not change results here)
+# A run whose results.json exists is skipped, so an interrupted sweep resumes. About 10 minutes per run on 2 cores.
+#   bash runs/tiny_sudoku_sweep.sh                       # 5 seeds x 2 kernels
+#   SEEDS="0 1" KERNELS=native bash runs/tiny_sudoku_sweep.sh
+set -e
+cd "$(dirname "$0")/.."
+source runs/setup.sh
+ROOT=${OUT:-out/tiny_sudoku_sweep}
+SEEDS=${SEEDS:-0 1 2 3 4}
+KERNELS=${KERNELS:-native default}
+i=0
+for kernel in $KERNELS; do
+  for seed in $SEEDS; do
+    i=$((i + 1))
+    run=$ROOT/$kernel-seed$seed
+    if [ -f $run/results.json ]; then echo "== $run: done"; continue; fi
+    echo "== $run"
+    if [ "$kernel" = native ]; then
+      OUT=$run SEED=$seed PORT=$((29600 + i)) bash runs/tiny_sudoku.sh > $ROOT.$kernel-seed$seed.log 2>&1
+    else
+      ATEN_CPU_CAPABILITY=$kernel OUT=$run SEED=$seed PORT=$((29600 + i)) bash runs/tiny_sudoku.sh \
+        > $ROOT.$kernel-seed$seed.log 2>&1
+    fi
+  done
+done
+python3 runs/sweep_report.py $ROOT
