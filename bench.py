@@ -9,11 +9,16 @@ Sections (each prints a markdown table; --out appends them to a file):
              per-step time is projected to the full run; its block-1 tokens are compared with ours (greedy).
   logprob  - one one-step log-prob pass (the estimator) over the rollout batch, forward only.
   grpo     - one full diffu-GRPO rollout batch split into rollout / old log-probs / reference log-probs / update.
+--plan prints the memory plan of a run instead (memory.py: peak GPU memory per rank, broken down, and the largest
+update micro-batch that fits --gpu-gib); it builds no model, so it runs anywhere in a second or two.
 Configs: cpu-small (4 layers, d_model 256, LLaDA's real 126,464-token vocabulary, so the per-step vocabulary work is
 represented) and llada-8b (the full architecture, random init, bf16: for a GPU).
 
     python bench.py --config cpu-small --temperature 0 --out BENCHMARKS.md
     python bench.py --config llada-8b --device cuda --dtype bfloat16 --sections sampler logprob grpo
+    python bench.py --plan --config llada-8b                     # d1's per-device diffu-GRPO setting
+    python bench.py --plan --config llada-8b --prompt-len 0 --gen-length 4096 --micro-batch-size 1 \
+        --lora-targets q_proj,k_proj,v_proj --grad-ckpt            # d1's SFT on s1K, one example per device
 """
 
 import argparse
@@ -26,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import diffu_grpo as D
+import memory as Mem
 import model as M
 import sample as S
 
@@ -159,6 +165,25 @@ def bench_logprob_and_grpo(model, tok, args, device, sections):
     return out
 
 
+def print_plan(args):
+    """The memory plan of one rank for the given settings, and the largest micro-batch within --gpu-gib."""
+    dtype = torch.bfloat16 if args.dtype == "float32" and args.config == "llada-8b" else getattr(torch, args.dtype)
+    cfg = M.LLaDAConfig(**CONFIGS[args.config])
+    s = Mem.Setting(cfg, micro_batch=args.micro_batch_size, prompt_len=args.prompt_len, completion_len=args.gen_length,
+                    dtype=dtype, lora_r=args.lora_r, lora_targets=D.lora_targets(args.lora_targets),
+                    grad_ckpt=args.grad_ckpt, full_ft_reference=args.full_ft_reference,
+                    logp_rows=args.logp_batch_size or args.micro_batch_size)
+    p = Mem.plan(s)
+    fit = Mem.largest_micro_batch(s, args.gpu_gib * Mem.GIB)
+    text = (f"## Memory plan: --config {args.config}, {str(dtype).replace('torch.', '')}, LoRA r {args.lora_r} on "
+            f"{','.join(s.lora_targets) if args.lora_r else '(full fine-tuning)'}, micro-batch {args.micro_batch_size} "
+            f"x ({args.prompt_len} prompt + {args.gen_length} completion tokens), gradient checkpointing "
+            f"{'on' if args.grad_ckpt else 'off'}\n\n{Mem.format_plan(p, args.gpu_gib)}\n\n"
+            f"Largest update micro-batch within {args.gpu_gib:.0f} GiB: {fit}\n")
+    print(text)
+    return p
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS), help="model size")
@@ -179,7 +204,19 @@ def main(argv=None):
     ap.add_argument("--lora-r", type=int, default=128, help="LoRA rank in the GRPO step")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="append the tables to this markdown file")
+    # Memory plan
+    ap.add_argument("--plan", action="store_true", help="print the memory plan of these settings and exit")
+    ap.add_argument("--micro-batch-size", type=int, default=6, help="--plan: update micro-batch (d1: 6)")
+    ap.add_argument("--logp-batch-size", type=int, default=None,
+                    help="--plan: rows per no-grad old/ref log-prob forward (default: --micro-batch-size)")
+    ap.add_argument("--lora-targets", default="d1", help="--plan: 'd1', 'wide' or module names (see diffu_grpo.py)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="--plan: gradient checkpointing")
+    ap.add_argument("--full-ft-reference", action="store_true",
+                    help="--plan with --lora-r 0: a frozen reference copy (diffu-GRPO with beta > 0)")
+    ap.add_argument("--gpu-gib", type=float, default=80.0, help="--plan: memory per GPU")
     args = ap.parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -41,10 +41,28 @@ def resolve_dtype(spec, device):
     return getattr(torch, spec)
 
 
+def local_rank0_first(fn):
+    """fn() on each node's local rank 0 first, then (after a barrier) on the other ranks. M.build downloads a hub
+    checkpoint into the local cache: one process per node fetches the 16 GB while the others wait, then they all read
+    the cached files, instead of every rank downloading the same snapshot at once."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()
+    out = fn()
+    if dist.is_initialized() and first:
+        dist.barrier()
+    return out
+
+
+def build_model(name, dtype, device, seed=0):
+    """M.build on every rank, local rank 0 first (local_rank0_first)."""
+    return local_rank0_first(lambda: M.build(name, dtype, device, seed=seed))
+
+
 def setup_model(args, local_rank=0, seed=0):
     """(model, tokenizer, device) from the flags of add_model_args."""
     device = resolve_device(args.device, local_rank)
-    model, tok = M.build(args.model, resolve_dtype(args.dtype, device), device, seed=seed)
+    model, tok = build_model(args.model, resolve_dtype(args.dtype, device), device, seed=seed)
     if getattr(args, "adapter", None):
         M.load_lora(model, args.adapter)
     return model, tok, device

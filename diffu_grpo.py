@@ -46,9 +46,10 @@ from tqdm import tqdm
 
 import model as M
 from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
-                    broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint,
-                    lr_lambda, make_trainable, print0, resolve_dtype, save_checkpoint)
+                    broadcast_params, build_model, compute_cleanup, compute_init, export_model, fmt_metrics,
+                    load_checkpoint, lr_lambda, make_trainable, print0, resolve_dtype, save_checkpoint)
 from data import add_sudoku_args, load_task, sudoku_kwargs
+from memory import Setting, check_fits
 from rewards import REWARDS
 from sample import add_sampling_args, completion_mask, decode_completions, generate, pad_left
 
@@ -162,8 +163,14 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, auto
     t0 = time.perf_counter()
     rows = [r for r in batch_rows for _ in range(G)]
     prompt_lists = [tok(tok.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
-                    [-args.max_prompt_length:] for r in rows]  # keep the END of an over-long prompt
-    prompt_ids, prompt_attn = pad_left(prompt_lists, tok.pad_token_id, device)
+                    for r in rows]
+    cut = args.max_prompt_length or max(len(p) for p in prompt_lists)
+    n_truncated = sum(len(p) > cut for p in prompt_lists)
+    if n_truncated and not getattr(args, "_warned_truncation", False):
+        print(f"warning: {n_truncated} of {len(rows)} prompts are longer than --max-prompt-length {cut} and lose their "
+              f"beginning (BOS and instruction first); counted as prompts/truncated in the metrics", flush=True)
+        args._warned_truncation = True
+    prompt_ids, prompt_attn = pad_left([p[-cut:] for p in prompt_lists], tok.pad_token_id, device)
     model.train(args.rollout_mode == "train")  # rollouts and old/ref log-probs: no dropout unless asked for
     with autocast:
         completion = generate(model, prompt_ids, prompt_attn, gen_length=args.gen_length,
@@ -234,6 +241,7 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, auto
                "kl": sums["kl"], "clip_ratio/region_mean": sums["clipped"],
                "completions/mean_length": cmask.sum(1).mean().item(),
                "completions/clipped_ratio": (~(completion == eos_id).any(1)).float().mean().item(),  # no EOS
+               "prompts/truncated": n_truncated / len(rows),
                "loss": sums["loss"], "grad_norm": sums["grad_norm"], "lr": sched.get_last_lr()[0],
                **{f"time/{k}": v for k, v in timings.items()}}
     samples = [(rows[i]["prompt"][-1]["content"][-60:], texts[i], total[i].item()) for i in range(min(2, N))]
@@ -276,6 +284,7 @@ def get_args(argv=None):
                     help="comma-separated module names to adapt, or 'd1' = " + ",".join(M.LORA_TARGETS) + " (what d1's "
                          "PEFT config matched in LLaDA; no LM head) or 'wide' = " + ",".join(M.LORA_TARGETS_WIDE))
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the update passes")
+    ap.add_argument("--force", action="store_true", help="run even if the memory plan exceeds the GPU's memory")
     # Task
     ap.add_argument("--task", default="sudoku", choices=sorted(PRESETS), help="task (sets the reward functions)")
     ap.add_argument("--data-path", default=None, help="local dataset file/dir ('generate' for Countdown's generator)")
@@ -289,7 +298,9 @@ def get_args(argv=None):
     ap.add_argument("--num-generations", type=int, default=6, help="G: completions per prompt (one group)")
     ap.add_argument("--prompts-per-step", type=int, default=2,
                     help="prompts per rank per rollout batch (d1: batch 6 x grad-accum 2 / 6 generations = 2)")
-    ap.add_argument("--max-prompt-length", type=int, default=200, help="prompt tokens kept (from the end)")
+    ap.add_argument("--max-prompt-length", type=int, default=None,
+                    help="keep only the last N prompt tokens (d1: 200, TRL's left truncation). Default: no cut; "
+                         "prompts that a limit would cut are counted in the metrics (prompts/truncated)")
     ap.add_argument("--rollout-mode", default="eval", choices=["eval", "train"],
                     help="module mode of the rollouts and the old/ref log-prob passes. eval: no LoRA dropout, so the "
                          "first inner update's ratio is exactly 1 (ours); train: dropout on, as d1's trainer ran")
@@ -341,10 +352,15 @@ def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world, device = compute_init(args.device)
     dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
-    model, tok = M.build(args.model, dtype, device, seed=args.seed)
+    model, tok = build_model(args.model, dtype, device, seed=args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     # RL starts from the SFT model (d1-LLaDA) when --model is an SFT export or --adapter is given (make_trainable).
     params = make_trainable(model, args, lora_targets(args.lora_targets))
+    check_fits(Setting(model.cfg, micro_batch=args.micro_batch_size, prompt_len=args.max_prompt_length or 256,
+                       completion_len=args.gen_length, dtype=dtype, lora_r=args.lora_r,
+                       lora_targets=lora_targets(args.lora_targets), grad_ckpt=args.grad_ckpt,
+                       full_ft_reference=not args.lora_r and args.beta > 0,
+                       logp_rows=args.logp_batch_size or args.micro_batch_size), device, args.force)
     frozen = None
     if not args.lora_r and args.beta > 0:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)

@@ -30,16 +30,17 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
 from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
-                    broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, load_checkpoint,
-                    lr_lambda, make_trainable, print0, resolve_dtype, save_checkpoint)
+                    broadcast_params, build_model, compute_cleanup, compute_init, export_model, fmt_metrics,
+                    load_checkpoint, lr_lambda, make_trainable, print0, resolve_dtype, save_checkpoint)
 from data import add_sudoku_args, load_task, sudoku_kwargs
+from memory import Setting, check_fits
 
-EVAL_NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed t's for the held-out loss, so it is comparable across steps
 
 # -----------------------------------------------------------------------------
 # Data: chat-templated prompt + answer + <|eot_id|>, right-padded with EOS to a fixed canvas.
@@ -80,9 +81,12 @@ def sft_loss(model, ids, prompt_lens, mask_id, t, u, eps=1e-3):
     p = ((1 - eps) * t + eps)[:, None]  # (B, 1) masking probability of each sequence
     masked = answer & (u < p)  # (B, T)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    logits = model(noisy)  # (B, T, V); no attention mask: EOS padding is content here, not padding
-    ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(B, T)
-    per_token = torch.where(masked, ce / p, torch.zeros_like(ce))
+    # Logits only from the first answer position on (logits_slice): prompt positions are never masked, so their
+    # logits would be thrown away; with a 126k vocabulary they are most of the memory of a long prompt.
+    s = int(prompt_lens.min())
+    logits = model(noisy, logits_slice=slice(s, T))  # (B, T - s, V); no attention mask: EOS padding is content
+    ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, s:].flatten(), reduction="none").view(B, T - s)
+    per_token = torch.where(masked[:, s:], ce / p, torch.zeros_like(ce))
     answer_len = answer.sum(1).clamp(min=1)  # (B,)
     return (per_token.sum(1) / answer_len).mean()
 
@@ -95,24 +99,36 @@ def noise_for(step, seed, n, T):
     return torch.rand(n, generator=g), torch.rand(n, T, generator=g)
 
 
+def noise_levels(k):
+    """k fixed noise levels spread over (0, 1): (i + 0.5) / k; k = 5 gives 0.1, 0.3, 0.5, 0.7, 0.9."""
+    return tuple((i + 0.5) / k for i in range(k))
+
+
 @torch.no_grad()
-def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast):
+def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast, levels, rank=0, world=1):
     """The objective at fixed noise levels with a fixed mask pattern per level: an estimate that changes only
-    when the weights change."""
+    when the weights change. The examples are sharded over ranks (rank r takes r, r + world, ...) and the sums
+    all-reduced, so every rank gets the same number as one process would, at 1/world of the cost."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    for k, t in enumerate(EVAL_NOISE_LEVELS):
+    total, count = 0.0, 0
+    mine = torch.arange(rank, len(ids), world)
+    for k, t in enumerate(levels):
         g = torch.Generator().manual_seed(10_000 + k)
-        u = torch.rand(ids.shape, generator=g)
-        for i in range(0, len(ids), batch_size):
-            sl = slice(i, i + batch_size)
+        u = torch.rand(ids.shape, generator=g)[mine]  # the same pattern per example whatever the world size
+        for i in range(0, len(mine), batch_size):
+            sl = mine[i:i + batch_size]
             with autocast:
                 loss = sft_loss(model, ids[sl].to(device), plens[sl].to(device), mask_id,
-                                torch.full((len(ids[sl]),), t, device=device), u[sl].to(device))
-            total += loss.item() * len(ids[sl])
+                                torch.full((len(sl),), t, device=device), u[i:i + batch_size].to(device))
+            total += loss.item() * len(sl)
+            count += len(sl)
     model.train(was_training)
-    return total / (len(ids) * len(EVAL_NOISE_LEVELS))
+    if world > 1:
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = t.tolist()
+    return total / count
 
 
 # -----------------------------------------------------------------------------
@@ -176,6 +192,7 @@ def get_args(argv=None):
     ap.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout probability (s1k: 0.05)")
     ap.add_argument("--lora-targets", default=None, help="comma-separated module names (s1k: q_proj,k_proj,v_proj)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (recompute blocks in backward)")
+    ap.add_argument("--force", action="store_true", help="run even if the memory plan exceeds the GPU's memory")
     # Data
     ap.add_argument("--task", default="s1k", help="s1k (d1's SFT data), or sudoku/countdown (generated, for tiny runs)")
     ap.add_argument("--data-path", default=None, help="local dataset file/directory instead of the hub")
@@ -207,6 +224,8 @@ def get_args(argv=None):
     ap.add_argument("--seed", type=int, default=None, help="seed for init (tiny), data order and noise (s1k: 42, tiny: 0)")
     # Logging and checkpoints
     ap.add_argument("--out-dir", default="out/sft", help="checkpoints, final export and metrics.jsonl go here")
+    ap.add_argument("--eval-noise-levels", type=int, default=5,
+                    help="noise levels of the held-out loss, (i + 0.5) / K for i < K: fewer is cheaper and noisier")
     ap.add_argument("--eval-every", type=int, default=None,
                     help="held-out loss every N steps, 0 = only at the end (s1k: 100, tiny: 50)")
     ap.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
@@ -243,9 +262,12 @@ def main(argv=None):
     # Weights: LoRA keeps the base in bf16 on GPU (adapters are fp32); full fine-tuning keeps fp32 master weights
     # and computes in bf16 under autocast (a 1e-5 update is below bf16's resolution for most weights).
     dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
-    model, tok = M.build(args.model, dtype, device, seed=args.seed)
+    model, tok = build_model(args.model, dtype, device, seed=args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     params = make_trainable(model, args, tuple(args.lora_targets.split(",")))
+    check_fits(Setting(model.cfg, micro_batch=args.micro_batch_size, prompt_len=0, completion_len=args.max_length,
+                       dtype=dtype, lora_r=args.lora_r, lora_targets=tuple(args.lora_targets.split(",")),
+                       grad_ckpt=args.grad_ckpt), device, args.force)
     broadcast_params(params, world)
     mask_id, eos_id = model.cfg.mask_token_id, model.cfg.eos_token_id
 
@@ -273,8 +295,12 @@ def main(argv=None):
             best_state = torch.load(os.path.join(ckpt_dir, "extra.pt"), map_location="cpu")["best_state"]
         print0(f"resumed from {ckpt_dir} at step {start}")
     log = JsonlLog(os.path.join(args.out_dir, "metrics.jsonl"))
+    levels = noise_levels(args.eval_noise_levels)
     heldout = lambda: heldout_loss(model, eval_ids, eval_plens, mask_id, args.micro_batch_size * 4, device,
-                                         autocast)
+                                   autocast, levels, rank, world)
+    print0(f"validation: {len(eval_ids)} examples x {len(levels)} noise levels x {eval_ids.shape[1]} tokens = "
+           f"{len(eval_ids) * len(levels) * eval_ids.shape[1]:,} forward tokens per evaluation, sharded over "
+           f"{world} rank(s)")
 
     def track_best(step, eval_loss):
         """Update the early-stopping record; True when training should stop."""

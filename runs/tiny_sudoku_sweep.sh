@@ -13,6 +13,7 @@ source runs/setup.sh
 ROOT=${OUT:-out/tiny_sudoku_sweep}
 SEEDS=${SEEDS:-0 1 2 3 4}
 KERNELS=${KERNELS:-native default}
+mkdir -p $ROOT
 i=0
 for kernel in $KERNELS; do
   for seed in $SEEDS; do
@@ -21,10 +22,10 @@ for kernel in $KERNELS; do
     if [ -f $run/results.json ]; then echo "== $run: done"; continue; fi
     echo "== $run"
     if [ "$kernel" = native ]; then
-      OUT=$run SEED=$seed PORT=$((29600 + i)) bash runs/tiny_sudoku.sh > $ROOT.$kernel-seed$seed.log 2>&1
+      OUT=$run SEED=$seed PORT=$((29600 + i)) bash runs/tiny_sudoku.sh > $ROOT/$kernel-seed$seed.log 2>&1
     else
       ATEN_CPU_CAPABILITY=$kernel OUT=$run SEED=$seed PORT=$((29600 + i)) bash runs/tiny_sudoku.sh \
-        > $ROOT.$kernel-seed$seed.log 2>&1
+        > $ROOT/$kernel-seed$seed.log 2>&1
     fi
   done
 done

@@ -220,6 +220,15 @@ def test_rollouts_use_the_deterministic_policy_unless_rollout_mode_train(tiny, t
     assert any(completions("train", s) != completions("train", 0) for s in (1, 2, 3))
 
 
+def test_prompt_truncation_is_counted_and_off_by_default(tiny, tok):
+    _, _, metrics, _ = run_one_batch(tiny, tok, mu=1, beta=0.0)
+    assert metrics["prompts/truncated"] == 0.0
+    tiny2 = M.LLaDA(tiny.cfg).init_weights(torch.Generator().manual_seed(0)).eval()
+    rec, _, metrics, _ = run_one_batch(tiny2, tok, mu=1, beta=0.0, extra=["--max-prompt-length", "10"])
+    assert metrics["prompts/truncated"] == 1.0  # every compact Sudoku prompt is longer than 10 tokens
+    assert rec.calls[0][0].shape[1] == 10 + 32  # the prompt kept its last 10 tokens, then the 32-token completion
+
+
 def test_torchrun_two_ranks_gloo_stay_in_sync(tmp_path):
     out = launch("diffu_grpo.py", TINY_RL + ["--num-iterations", "1", "--max-steps", "2", "--out-dir", str(tmp_path)],
                  nproc=2)

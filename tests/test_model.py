@@ -276,3 +276,35 @@ def test_a_second_stage_keeps_the_first_adapter_frozen_exactly_and_exports_both(
         assert not torch.allclose(start(ids), base, atol=1e-4)
     M.save_model(start, str(tmp_path / "rl"), tok)
     torch.testing.assert_close(M.load_model(str(tmp_path / "rl"))(ids), rl, atol=1e-6, rtol=0)
+
+
+def test_local_rank_zero_loads_first_and_the_other_ranks_wait_at_a_barrier(tmp_path):
+    """Two gloo ranks build a model from a checkpoint directory through common.build_model: rank 1 starts only after
+    rank 0 has finished (so a hub download would happen once per node), and both get the same weights."""
+    from conftest import ROOT, launch
+    write_official_checkpoint(str(tmp_path / "ckpt"), n_shards=2)
+    M.tiny_tokenizer().save_pretrained(str(tmp_path / "ckpt"))
+    script = tmp_path / "two_loads.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys, time
+        sys.path.insert(0, {ROOT!r})
+        import common, model as M
+        rank, local_rank, world, device = common.compute_init("cpu")
+        real = M.build
+        def slow_build(*a, **k):
+            start = time.time()
+            if rank == 0:
+                time.sleep(1.0)  # a download takes a while
+            out = real(*a, **k)
+            with open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w") as f:
+                json.dump({{"start": start, "end": time.time(),
+                           "sum": float(sum(p.double().sum() for p in out[0].parameters()))}}, f)
+            return out
+        M.build = slow_build
+        common.build_model({str(tmp_path / "ckpt")!r}, M.torch.float32, "cpu")
+        common.compute_cleanup()
+    """))
+    launch(str(script), [], nproc=2)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r1["start"] >= r0["end"] - 0.05, (r0, r1)
+    assert r0["sum"] == r1["sum"]

@@ -65,6 +65,11 @@ def test_two_process_gloo_run_equals_one_process_run_and_ranks_agree(tmp_path):
     a, b = read_weights(str(tmp_path / "one" / "final")), read_weights(str(tmp_path / "two" / "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    # The held-out loss is sharded over the ranks; before any step (same weights) it equals the one-rank number.
+    first = lambda d: json.loads(open(tmp_path / d / "metrics.jsonl").readline())
+    assert first("one")["step"] == first("two")["step"] == 0
+    assert abs(first("one")["eval_loss"] - first("two")["eval_loss"]) < 1e-6 * first("one")["eval_loss"]
+    assert "forward tokens per evaluation, sharded over 2 rank(s)" in log
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -1,0 +1,67 @@
+"""The memory plan (memory.py, bench.py --plan) against memory measured on the CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import memory as Mem
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measured_step_peak(d, layers, mlp, vocab, b, P, L, r, ckpt):
+    """Peak resident memory above the level before one update micro-batch (tests/measure_peak.py)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "measure_peak.py")] +
+                         [str(x) for x in (d, layers, mlp, vocab, b, P, L, r, int(ckpt))],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)["peak_above_base"]
+
+
+@pytest.mark.parametrize("d,layers,mlp,vocab,b,P,L,r,ckpt", [
+    (512, 4, 1536, 32000, 4, 64, 128, 16, False),  # logits-heavy
+    (512, 4, 1536, 32000, 4, 64, 128, 16, True),  # gradient checkpointing
+    (512, 8, 1536, 16000, 6, 32, 96, 16, False),  # activation-heavy
+])
+def test_planned_peak_agrees_with_the_measured_peak_within_25_percent(d, layers, mlp, vocab, b, P, L, r, ckpt):
+    """What one update micro-batch adds on top of the weights, adapters and optimizer state: the plan (saved bytes
+    measured on one block at the probe width and scaled, plus the logits' transients) against the resident set
+    measured during a real forward + backward + step of the same shapes."""
+    cfg = M.LLaDAConfig(d_model=d, n_layers=layers, n_heads=d // 64, n_kv_heads=d // 64, mlp_hidden_size=mlp,
+                        vocab_size=vocab, embedding_size=vocab)
+    p = Mem.plan(Mem.Setting(cfg, micro_batch=b, prompt_len=P, completion_len=L, lora_r=r, grad_ckpt=ckpt))
+    n_lora = Mem.trainable_params(cfg, r, M.LORA_TARGETS)
+    # The measurement's starting level already holds weights, adapters and AdamW state; the step allocates the
+    # adapters' gradients (fp32) and everything dynamic.
+    planned = p["update peak"] - p["weights"] - p["LoRA params, grads, AdamW (fp32)"] + 4 * n_lora
+    measured = measured_step_peak(d, layers, mlp, vocab, b, P, L, r, ckpt)
+    assert 0.75 < planned / measured < 1.25, (planned / 2**20, measured / 2**20)
+
+
+def test_plan_of_d1s_rl_setting_on_llada_8b_and_what_fits(capsys):
+    p = bench.main(["--plan", "--config", "llada-8b"])
+    text = capsys.readouterr().out
+    assert "micro-batch 6 x (200 prompt + 256 completion tokens)" in text and "Largest update micro-batch" in text
+    cfg = M.LLaDAConfig()
+    assert p["weights"] == 2 * sum(x.numel() for x in Mem._meta_params(cfg))  # bf16
+    assert Mem.trainable_params(cfg, 128, M.LORA_TARGETS) == 32 * 128 * (3 * (4096 + 4096) + 4096 + 12288)
+    assert 20 * Mem.GIB < p["total"] < 60 * Mem.GIB
+    ckpt = bench.main(["--plan", "--config", "llada-8b", "--grad-ckpt"])
+    assert ckpt["update peak"] < p["update peak"]
+    full = bench.main(["--plan", "--config", "llada-8b", "--lora-r", "0", "--full-ft-reference"])
+    assert full["total"] > 80 * Mem.GIB  # full fine-tuning of 8B with a reference copy cannot fit one GPU
+
+
+def test_a_run_whose_plan_exceeds_the_budget_stops_with_the_plan_and_flags_that_fit():
+    cfg = M.LLaDAConfig()
+    s = Mem.Setting(cfg, micro_batch=64, prompt_len=200, completion_len=256)
+    with pytest.raises(SystemExit, match="Flags that would fit: --micro-batch-size"):
+        Mem.check_fits(s, torch.device("cpu"), budget_bytes=80 * Mem.GIB)
+    assert Mem.check_fits(s, torch.device("cpu"), force=True, budget_bytes=80 * Mem.GIB)["total"] > 80 * Mem.GIB
+    assert Mem.check_fits(s, torch.device("cpu")) is None  # CPU, no budget: no plan check
