@@ -127,18 +127,3 @@ def launch(script, args, nproc=1, timeout=600):
 
 
 TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def blank_cell_probability(model, tok, rows, gen_length=48):
-    """Mean probability the one-shot policy (completion fully masked, prompt intact) puts on the right digit of each
-    blank cell: with --steps 1 the sampler draws every cell from exactly these marginals, so this is the policy's
-    expected Sudoku reward (given a well-formed answer), computed without sampling noise."""
-    ids = torch.tensor([tok(tok.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
-                        for r in rows])
-    P = ids.shape[1]
-    x = torch.cat([ids, torch.full((len(rows), gen_length), model.cfg.mask_token_id)], 1)
-    with torch.no_grad():
-        probs = model(x)[:, P:].softmax(-1)
-    got = [probs[b, len("<answer>") + i, tok.convert_tokens_to_ids(s)].item()
-           for b, r in enumerate(rows) for i, (c, s) in enumerate(zip(r["puzzle"], r["solution"])) if c == "0"]
-    return sum(got) / len(got)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import diffu_grpo as D
 import model as M
-from conftest import blank_cell_probability, launch
+from conftest import launch
 
 TINY_RL = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
            "--gen-length", "32", "--block-length", "16", "--steps", "8", "--num-generations", "3",
@@ -267,31 +267,34 @@ def test_rl_from_an_sft_adapter_starts_at_the_sft_model_and_its_reference_is_the
     torch.testing.assert_close(M.load_model(str(out / "final"))(ids), trained, atol=1e-6, rtol=0)
 
 
-@pytest.mark.slow
-def test_diffu_grpo_on_fresh_puzzles_raises_the_held_out_expected_reward(tmp_path):
-    """It learns, end to end through the real scripts. A brief SFT (600 steps on 256 labelled puzzles: the answer
-    format, and blank cells a little above chance), then diffu_grpo.py for 40 rollout batches on FRESH training
-    puzzles (--data-seed 1, never seen by SFT) with one-step decoding (--steps 1, where the one-step estimator IS the
-    sampler's likelihood, with --p-mask-prompt 0) at temperature 1. Measured on held-out puzzles whose solution grids
-    were never seen in training: the policy's expected reward (blank_cell_probability, no sampling noise) must rise
-    clearly. Measured: 0.304 -> 0.351. What it does not show: the GREEDY answer barely moves (a hand run of the same
-    setup on data seed 0: one-step greedy 35.4% -> 35.6% of cells); at this scale RL sharpens the distribution
-    towards what the model already ranks first (README, "d1 on a laptop")."""
+def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monkeypatch, tmp_path):
+    """It learns, end to end through diffu_grpo.main, with d1's own knobs on (mu = 2 inner updates on fresh prompt-mask
+    patterns, p_mask 0.15, beta 0.04 with the k3 KL): from a random tiny model, a reward that pays for the digit '7'.
+    Measured without sampling noise: with one-step decoding the policy draws each completion position from the
+    fully masked marginals, so its expected reward is the mean probability of '7' there. Checked over seeds 0-2 with
+    native and portable (ATEN_CPU_CAPABILITY=default) kernels: 0.007 -> 0.19 at worst, 0.43-0.46 typically; the
+    assertion asks for a tenth of the worst gain. (Whether RL beats SFT on Sudoku is a question for the sweep,
+    runs/tiny_sudoku_sweep.sh, not for a test: at this scale its answer depends on the CPU.)"""
+    tok = M.tiny_tokenizer()
+    seven = tok.convert_tokens_to_ids("7")
+    monkeypatch.setitem(D.REWARDS, "sudoku", [(lambda prompts, completions, **kw:
+                                               [c.count("7") / max(1, len(c)) for c in completions], 1.0)])
     from data import load_task
-    launch("sft.py", ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "96",
-                      "--train-n", "256", "--eval-n", "16", "--batch-size", "32", "--micro-batch-size", "32",
-                      "--max-steps", "600", "--lr", "3e-3", "--warmup-steps", "50", "--eval-every", "0", "--eps", "0.2",
-                      "--out-dir", str(tmp_path / "sft")])
-    launch("diffu_grpo.py", ["--model", str(tmp_path / "sft" / "final"), "--task", "sudoku", "--prompt-style",
-                             "compact", "--data-seed", "1", "--prompts-per-step", "16", "--num-generations", "8",
-                             "--gen-length", "48", "--block-length", "48", "--steps", "1", "--temperature", "1.0",
-                             "--p-mask-prompt", "0", "--lora-r", "0", "--beta", "0", "--num-iterations", "1",
-                             "--lr", "1e-4", "--max-grad-norm", "1.0", "--weight-decay", "0",
-                             "--micro-batch-size", "128", "--max-steps", "40", "--sample-every", "0",
-                             "--out-dir", str(tmp_path / "grpo")])
-    held_out = list(load_task("sudoku", "test", style="compact", n=128))
-    before = blank_cell_probability(M.load_model(str(tmp_path / "sft" / "final")), M.tiny_tokenizer(), held_out)
-    after = blank_cell_probability(M.load_model(str(tmp_path / "grpo" / "final")), M.tiny_tokenizer(), held_out)
-    rewards = [json.loads(line)["reward"] for line in open(tmp_path / "grpo" / "metrics.jsonl")]
-    assert after > before + 0.025, (before, after, rewards)
-    assert sum(rewards[-5:]) > sum(rewards[:5]), rewards  # the training reward (fresh puzzles each batch) rose too
+    rows = list(load_task("sudoku", "test", style="compact", n=32))
+    ids = torch.tensor([tok(tok.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)
+                        ["input_ids"] for r in rows])
+
+    def expected_reward(model):
+        x = torch.cat([ids, torch.full((len(rows), 16), model.cfg.mask_token_id)], 1)
+        with torch.no_grad():
+            return model.eval()(x)[:, ids.shape[1]:].softmax(-1)[..., seven].mean().item()
+
+    before = expected_reward(M.build("tiny", seed=0)[0])
+    policy = D.main(["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "64",
+                     "--gen-length", "16", "--block-length", "16", "--steps", "1", "--temperature", "1.0",
+                     "--num-generations", "8", "--prompts-per-step", "4", "--micro-batch-size", "32", "--lora-r", "0",
+                     "--lr", "1e-3", "--num-iterations", "2", "--max-steps", "40", "--beta", "0.04",
+                     "--p-mask-prompt", "0.15", "--sample-every", "0", "--no-export", "--seed", "0",
+                     "--out-dir", str(tmp_path)])
+    after = expected_reward(policy.model)
+    assert after > before + 0.02 and after > 3 * before, (before, after)
