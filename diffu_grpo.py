@@ -153,75 +153,78 @@ class Policy:
         return self.model if self.frozen is None else self.frozen
 
 
-def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, autocast, device):
-    """Everything for one batch of prompts on this rank; returns a metrics dict (local, not yet all-reduced)."""
-    model, G, mu = policy.model, args.num_generations, args.num_iterations
-    mask_id, eos_id = model.cfg.mask_token_id, model.cfg.eos_token_id
-    timings = {}
+def encode_rollout_prompts(tok, rows, max_prompt_length, device):
+    """Chat-templated prompts, left-padded with an attention mask: (ids (N, P), attn (N, P), prompts cut).
+    With --max-prompt-length a longer prompt keeps its END (d1/TRL's left truncation); a cut is counted."""
+    lists = [tok(tok.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
+             for r in rows]
+    cut = max_prompt_length or max(len(p) for p in lists)
+    ids, attn = pad_left([p[-cut:] for p in lists], tok.pad_token_id, device)
+    return ids, attn, sum(len(p) > cut for p in lists)
 
-    # 1. Rollouts: every prompt repeated G times, left-padded with an attention mask, one batched generate call.
-    t0 = time.perf_counter()
-    rows = [r for r in batch_rows for _ in range(G)]
-    prompt_lists = [tok(tok.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
-                    for r in rows]
-    cut = args.max_prompt_length or max(len(p) for p in prompt_lists)
-    n_truncated = sum(len(p) > cut for p in prompt_lists)
-    if n_truncated and not getattr(args, "_warned_truncation", False):
-        print(f"warning: {n_truncated} of {len(rows)} prompts are longer than --max-prompt-length {cut} and lose their "
-              f"beginning (BOS and instruction first); counted as prompts/truncated in the metrics", flush=True)
-        args._warned_truncation = True
-    prompt_ids, prompt_attn = pad_left([p[-cut:] for p in prompt_lists], tok.pad_token_id, device)
+
+def rollout(model, prompt_ids, prompt_attn, args, generator, autocast):
+    """Stage 1: one completion per row (each prompt appears G times) from sample.py's masked diffusion sampler.
+    Returns completion (N, L) and its mask of valid tokens (N, L): up to and including the first EOS."""
     model.train(args.rollout_mode == "train")  # rollouts and old/ref log-probs: no dropout unless asked for
     with autocast:
         completion = generate(model, prompt_ids, prompt_attn, gen_length=args.gen_length,
-                              block_length=args.block_length, steps=args.steps,
-                              temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                              threshold=args.threshold, generator=gens["rollout"]).completion
-    cmask = completion_mask(completion, eos_id).float()  # (N, L) up to and including the first EOS
-    timings["rollout"] = time.perf_counter() - t0
+                              block_length=args.block_length, steps=args.steps, temperature=args.temperature,
+                              cfg_scale=args.cfg_scale, remasking=args.remasking, threshold=args.threshold,
+                              generator=generator).completion
+    return completion, completion_mask(completion, model.cfg.eos_token_id).float()
 
-    # 2. Rewards and advantages.
-    texts = decode_completions(tok, completion, eos_id)
+
+def score_rollouts(rows, texts, reward_fns, G, scale_rewards):
+    """Stage 2: r_i = sum_f w_f f(q, o_i) (None counts 0) and A_i = r_i - mean(group). Returns (rewards (N,),
+    advantages (N,), {reward function: mean})."""
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    per_fn = {}
-    total = torch.zeros(len(rows))
-    for (fn, w) in args.reward_fns:
+    total, per_fn = torch.zeros(len(rows)), {}
+    for fn, w in reward_fns:
         vals = torch.tensor([0.0 if v is None else float(v) for v in fn([r["prompt"] for r in rows], texts, **columns)])
         per_fn[fn.__name__] = vals.mean().item()
         total += w * vals
-    adv = group_advantages(total, G, args.scale_rewards).to(device)
+    return total, group_advantages(total, G, scale_rewards), per_fn
 
-    # 3.-4. Mask patterns, old and reference log-probs for all mu iterations, before any update.
-    t0 = time.perf_counter()
-    patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, args.p_mask_prompt)  # (mu, N, P)
+
+@torch.no_grad()
+def old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, args, autocast, timings):
+    """Stage 4: log-probs under the rollout policy (old) and the reference policy (ref) for every pattern, before
+    any update: (mu, N, L) each, or None when not needed (mu = 1: old = current exactly; beta = 0: no ref)."""
+    mu, mask_id = patterns.shape[0], policy.model.cfg.mask_token_id
     est = lambda m: per_token_logps_all(m, prompt_ids, prompt_attn, completion, patterns, mask_id,
-                                        args.logp_batch_size or args.micro_batch_size)  # (mu, N, L)
-    with torch.no_grad(), autocast:
-        old = est(model) if mu > 1 else None  # mu == 1: old = current, ratio exactly 1
+                                        args.logp_batch_size or args.micro_batch_size)
+    t0 = time.perf_counter()
+    with autocast:
+        old = est(policy.model) if mu > 1 else None
     timings["old_logps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ref = [None] * mu
+    ref = None
     if args.beta > 0:
-        with torch.no_grad(), autocast, policy.ref_context():
+        with autocast, policy.ref_context():
             ref = est(policy.ref_model())
         policy.ref_passes += mu  # counted in patterns (one (N, P + L) estimate each), however they are batched
     timings["ref_logps"] = time.perf_counter() - t0
+    return old, ref
 
-    # 5. mu inner updates, one optimizer step each, pattern j for update j (all patterns used, whatever the
-    # micro-batching). The loss is normalised by the number of valid tokens of the whole rank batch.
-    t0 = time.perf_counter()
+
+def inner_updates(model, opt, sched, params, batch, patterns, old, ref, args, world, autocast):
+    """Stage 5: mu optimizer steps, step j with pattern j for its current log-probs (and old[j], ref[j]): every
+    pattern is used whatever the micro-batching. The loss is normalised by the valid tokens of the whole rank
+    batch, gradients are averaged over ranks. Returns the mean loss, kl, clip ratio and grad norm."""
+    prompt_ids, prompt_attn, completion, adv, cmask = batch
+    mu, N, mb = patterns.shape[0], len(completion), args.micro_batch_size
     model.train()
     n_valid = cmask.sum().clamp(min=1)
     sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0}
-    N, mb = len(rows), args.micro_batch_size
     for j in range(mu):
         for i in range(0, N, mb):
             sl = slice(i, i + mb)
             with autocast:
                 logp = per_token_logps(model, prompt_ids[sl], prompt_attn[sl], completion[sl], patterns[j][sl],
-                                       mask_id)
+                                       model.cfg.mask_token_id)
             old_j = logp.detach() if old is None else old[j][sl]
-            ref_j = None if ref[j] is None else ref[j][sl]
+            ref_j = None if ref is None else ref[j][sl]
             loss, st = grpo_token_loss(logp, old_j, ref_j, adv[sl], cmask[sl], args.epsilon, args.beta)
             (loss / n_valid).backward()
             sums["loss"] += loss.item() / n_valid.item() / mu
@@ -232,19 +235,43 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, auto
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    timings["update"] = time.perf_counter() - t0
+    return sums
 
+
+def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, autocast, device):
+    """One rollout batch on this rank, the five stages of the module docstring; returns (metrics, samples), the
+    metrics local to this rank (main all-reduces them for logging)."""
+    model, G, mu = policy.model, args.num_generations, args.num_iterations
+    timings, t0 = {}, time.perf_counter()
+    rows = [r for r in batch_rows for _ in range(G)]  # every prompt G times: one group each
+    prompt_ids, prompt_attn, n_truncated = encode_rollout_prompts(tok, rows, args.max_prompt_length, device)
+    if n_truncated and not getattr(args, "_warned_truncation", False):
+        print(f"warning: {n_truncated} of {len(rows)} prompts are longer than --max-prompt-length "
+              f"{args.max_prompt_length} and lose their beginning (BOS and instruction first); counted as "
+              f"prompts/truncated in the metrics", flush=True)
+        args._warned_truncation = True
+    completion, cmask = rollout(model, prompt_ids, prompt_attn, args, gens["rollout"], autocast)  # 1.
+    timings["rollout"] = time.perf_counter() - t0
+    texts = decode_completions(tok, completion, model.cfg.eos_token_id)
+    total, adv, per_fn = score_rollouts(rows, texts, args.reward_fns, G, args.scale_rewards)  # 2.
+    patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, args.p_mask_prompt)  # 3. (mu, N, P)
+    old, ref = old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, args, autocast,
+                                 timings)  # 4.
+    t0 = time.perf_counter()
+    sums = inner_updates(model, opt, sched, params, (prompt_ids, prompt_attn, completion, adv.to(device), cmask),
+                         patterns, old, ref, args, world, autocast)  # 5.
+    timings["update"] = time.perf_counter() - t0
     r = total.view(-1, G)
     metrics = {"reward": total.mean().item(), "reward_std": total.std().item() if len(total) > 1 else 0.0,
                **{f"rewards/{k}/mean": v for k, v in per_fn.items()},
                "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item() if G > 1 else 1.0,
                "kl": sums["kl"], "clip_ratio/region_mean": sums["clipped"],
                "completions/mean_length": cmask.sum(1).mean().item(),
-               "completions/clipped_ratio": (~(completion == eos_id).any(1)).float().mean().item(),  # no EOS
+               "completions/clipped_ratio": (~(completion == model.cfg.eos_token_id).any(1)).float().mean().item(),
                "prompts/truncated": n_truncated / len(rows),
                "loss": sums["loss"], "grad_norm": sums["grad_norm"], "lr": sched.get_last_lr()[0],
                **{f"time/{k}": v for k, v in timings.items()}}
-    samples = [(rows[i]["prompt"][-1]["content"][-60:], texts[i], total[i].item()) for i in range(min(2, N))]
+    samples = [(rows[i]["prompt"][-1]["content"][-60:], texts[i], total[i].item()) for i in range(min(2, len(rows)))]
     return metrics, samples
 
 

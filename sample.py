@@ -125,78 +125,101 @@ def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_le
     B, P = prompt_ids.shape
     check_args(P, gen_length, block_length, steps, temperature, cfg_scale, remasking, mask_id, pad_id,
                cfg.max_sequence_length, threshold)
-    device = prompt_ids.device
     if generator is None:
-        generator = torch.Generator(device=device).manual_seed(0)
-    num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
     # The canvas x_1 = [prompt ; all masks]. (B, P + L)
     x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: take the no-mask path once here, not a check in every forward
     attn = None if attention_mask is None else torch.cat(
         [attention_mask.to(torch.long), attention_mask.new_ones((B, gen_length), dtype=torch.long)], dim=1)
-    if cfg_scale > 0:  # classifier-free guidance runs cond and uncond rows in one batched call
-        attn = None if attn is None else torch.cat([attn, attn])
-    passes, full_passes, query_tokens = 0, 0, 0
+    fwd = _Forward(model, P, attn, cfg_scale, mask_id)
+    steps_per_block = steps // (gen_length // block_length)
+    for s in range(P, P + gen_length, block_length):  # semi-autoregressive: blocks left to right
+        if threshold is None and not prefix_cache:
+            exact_block(fwd, x, s, s + block_length, steps_per_block, temperature, remasking, generator, mask_id)
+        else:
+            fast_block(fwd, x, s, s + block_length, steps_per_block, threshold, prefix_cache, temperature, remasking,
+                       generator, mask_id)
+    return Generation(x, x[:, P:], fwd.passes, fwd.full_passes, fwd.query_tokens)
 
-    def logits_of(x, s, e, cache=None, want_kv=False):
-        """Logits for canvas positions [s, e) (B, e - s, V), with CFG folded in:
-        l = l_uncond + (w + 1)(l_cond - l_uncond), where the uncond canvas has the whole prompt masked."""
-        nonlocal passes, full_passes, query_tokens
+
+class _Forward:
+    """The mask predictor as the sampler calls it: logits for canvas positions [s, e) (B, e - s, V), with
+    classifier-free guidance folded in, l = l_uncond + (w + 1)(l_cond - l_uncond) where the uncond canvas has the
+    whole prompt masked (cond and uncond rows run as one batch). Counts passes and query tokens for benchmarks."""
+
+    def __init__(self, model, P, attn, cfg_scale, mask_id):
+        self.model, self.P, self.cfg_scale, self.mask_id = model, P, cfg_scale, mask_id
+        self.attn = attn if cfg_scale <= 0 or attn is None else torch.cat([attn, attn])
+        self.passes = self.full_passes = self.query_tokens = 0
+
+    def __call__(self, x, s, e, cache=None, want_kv=False):
         inp = x
-        if cfg_scale > 0:
+        if self.cfg_scale > 0:
             un = x.clone()
-            un[:, :P] = mask_id
+            un[:, :self.P] = self.mask_id
             inp = torch.cat([x, un])
         start = 0 if cache is None else s  # with a prefix cache only [s, end) is run as queries
-        out = model(inp[:, start:], attn, past_kv=cache, return_kv=want_kv, logits_slice=slice(s - start, e - start))
+        out = self.model(inp[:, start:], self.attn, past_kv=cache, return_kv=want_kv,
+                         logits_slice=slice(s - start, e - start))
         logits, kv = out if want_kv else (out, None)
-        passes += 1
-        full_passes += cache is None
-        query_tokens += inp.shape[0] * (inp.shape[1] - start)
-        if cfg_scale > 0:
+        self.passes += 1
+        self.full_passes += cache is None
+        self.query_tokens += inp.shape[0] * (inp.shape[1] - start)
+        if self.cfg_scale > 0:
             cond, uncond = logits.chunk(2)
-            logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            logits = uncond + (self.cfg_scale + 1) * (cond - uncond)
         return logits, kv
 
-    for b in range(num_blocks):
-        s, e = P + b * block_length, P + (b + 1) * block_length
-        block = x[:, s:e]  # a view: writing into it writes the canvas
-        cache = None
-        # Every row starts the block with all block_length positions masked, so the schedule is the same for all rows
-        # and known on the host (the reference recomputes it per row from the mask count; the result is identical).
-        schedule = transfer_schedule(block_length, steps_per_block) if threshold is None else None
-        step = 0
-        while True:
-            if threshold is None and step == steps_per_block:
+
+def exact_block(fwd, x, s, e, steps, temperature, remasking, generator, mask_id):
+    """LLaDA's sampler (low-confidence remasking, as in its reference generate) on one block [s, e) of the canvas x, in place:
+    for each of `steps` steps, predict every masked position from the whole canvas, then commit the k most
+    confident proposals inside the block (k from the linear schedule) and leave the others masked. Every row starts
+    the block fully masked, so the schedule is the same for all rows (the reference recomputes it per row from the
+    mask count; the result is identical)."""
+    block = x[:, s:e]  # a view: writing into it writes the canvas
+    for k in transfer_schedule(e - s, steps):
+        logits, _ = fwd(x, s, e)
+        x0, conf = propose(logits, temperature, remasking, generator)  # (B, Lb) each
+        conf = torch.where(block == mask_id, conf, -math.inf)  # committed positions are never chosen again
+        if k > 0:
+            idx = conf.topk(k, dim=-1).indices  # (B, k); k <= masked count by construction
+            block.scatter_(1, idx, x0.gather(1, idx))
+
+
+def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remasking, generator, mask_id):
+    """exact_block with the fast paths (same proposals, different commit rule or cost):
+    threshold=tau: commit every masked proposal with confidence >= tau, and at least the most confident one per row,
+        until the block is full (`steps` is then unused).
+    prefix_cache: one full forward at the start of the block; its keys/values for the positions before the block
+        are reused while the block is decoded, so later steps run only [block ; rest of canvas] as queries."""
+    block, cache, step = x[:, s:e], None, 0
+    schedule = transfer_schedule(e - s, steps) if threshold is None else None
+    while threshold is not None or step < steps:
+        if prefix_cache and step > 0:
+            logits, _ = fwd(x, s, e, cache=cache)
+        else:
+            logits, kv = fwd(x, s, e, want_kv=prefix_cache)
+            if prefix_cache:  # freeze keys/values of everything before the block: (B, Hkv, s, hd) per layer
+                cache = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
+                del kv
+        x0, conf = propose(logits, temperature, remasking, generator)
+        masked = block == mask_id
+        conf = torch.where(masked, conf, -math.inf)
+        if threshold is None:
+            if schedule[step] > 0:
+                idx = conf.topk(schedule[step], dim=-1).indices
+                block.scatter_(1, idx, x0.gather(1, idx))
+        else:
+            commit = masked & (conf >= threshold)
+            best = conf.argmax(-1, keepdim=True)  # at least one token per row per step (if any is left)
+            commit.scatter_(1, best, masked.gather(1, best))
+            block.copy_(torch.where(commit, x0, block))
+            if not bool((block == mask_id).any()):
                 break
-            if prefix_cache and step > 0:
-                logits, _ = logits_of(x, s, e, cache=cache)
-            else:
-                logits, kv = logits_of(x, s, e, want_kv=prefix_cache)
-                if prefix_cache:  # freeze keys/values of everything before the block: (B, Hkv, s, hd) per layer
-                    cache = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
-                    del kv
-            x0, conf = propose(logits, temperature, remasking, generator)  # (B, Lb) each
-            masked = block == mask_id  # (B, Lb)
-            conf = torch.where(masked, conf, -math.inf)  # committed positions can never be chosen again
-            if threshold is None:
-                k = schedule[step]
-                if k > 0:
-                    # Commit the k most confident masked proposals of every row (k <= masked count by construction).
-                    idx = conf.topk(k, dim=-1).indices  # (B, k)
-                    block.scatter_(1, idx, x0.gather(1, idx))
-            else:
-                commit = masked & (conf >= threshold)
-                best = conf.argmax(-1, keepdim=True)  # at least one token per row per step (if any is left)
-                commit.scatter_(1, best, masked.gather(1, best))
-                block.copy_(torch.where(commit, x0, block))
-                if not bool((block == mask_id).any()):
-                    break
-            step += 1
-    return Generation(x, x[:, P:], passes, full_passes, query_tokens)
+        step += 1
 
 
 def completion_mask(completion, eos_id):
