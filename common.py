@@ -68,6 +68,36 @@ def setup_model(args, local_rank=0, seed=0):
     return model, tok, device
 
 
+def training_setup(args, device, targets):
+    """What sft.py and diffu_grpo.py both start with: (model, tok, params, dtype, autocast).
+    LoRA keeps the base in the run's dtype (bf16 on a GPU; adapters fp32); full fine-tuning keeps fp32 master weights
+    and computes in bf16 under autocast on a GPU (a 1e-5 update is below bf16's resolution for most weights)."""
+    dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
+    model, tok = build_model(args.model, dtype, device, seed=args.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    params = make_trainable(model, args, targets)
+    return model, tok, params, dtype, autocast
+
+
+def make_optimizer(params, args, total_steps):
+    """AdamW with the run's betas and weight decay, and the lr schedule of lr_lambda."""
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps, args.lr_schedule))
+    return opt, sched
+
+
+def maybe_resume(args, model, opt, sched):
+    """With --resume, restore OUT_DIR/checkpoint into the model and optimizer; returns its meta (None without)."""
+    if not args.resume:
+        return None
+    path = os.path.join(args.out_dir, "checkpoint")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    meta = load_checkpoint(path, model, opt, sched)
+    print0(f"resumed from {path} at step {meta['step']}")
+    return meta
+
+
 def make_trainable(model, args, targets):
     """Set up what a training script trains; returns the trainable parameters.
     The starting model may carry an adapter (--adapter, or an exact export of an earlier stage). With LoRA

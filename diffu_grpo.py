@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 import model as M
 from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
-                    broadcast_params, build_model, compute_cleanup, compute_init, export_model, fmt_metrics,
-                    load_checkpoint, lr_lambda, make_trainable, print0, resolve_dtype, save_checkpoint)
+                    broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, make_optimizer,
+                    maybe_resume, print0, save_checkpoint, training_setup)
 from data import add_sudoku_args, load_task, sudoku_kwargs
 from memory import Setting, check_fits
 from rewards import REWARDS
@@ -378,11 +378,8 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world, device = compute_init(args.device)
-    dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
-    model, tok = build_model(args.model, dtype, device, seed=args.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     # RL starts from the SFT model (d1-LLaDA) when --model is an SFT export or --adapter is given (make_trainable).
-    params = make_trainable(model, args, lora_targets(args.lora_targets))
+    model, tok, params, dtype, autocast = training_setup(args, device, lora_targets(args.lora_targets))
     check_fits(Setting(model.cfg, micro_batch=args.micro_batch_size, prompt_len=args.max_prompt_length or 256,
                        completion_len=args.gen_length, dtype=dtype, lora_r=args.lora_r,
                        lora_targets=lora_targets(args.lora_targets), grad_ckpt=args.grad_ckpt,
@@ -393,22 +390,15 @@ def main(argv=None):
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
     broadcast_params(params, world)
     policy = Policy(model, frozen)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps, args.lr_schedule))
-
+    opt, sched = make_optimizer(params, args, args.max_steps)
     data_seed = args.seed if args.data_seed is None else args.data_seed
     ds = load_task(args.task, "train", args.data_path, args.prompt_style, n=args.train_n, seed=data_seed,
                    **sudoku_kwargs(args.task, args))
     per_batch = args.prompts_per_step * world
     n_batches = args.max_steps // args.num_iterations
-    start = 0
+    meta = maybe_resume(args, model, opt, sched)
+    start = meta["batch"] if meta else 0
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    if args.resume:
-        if not os.path.isdir(ckpt_dir):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
-        meta = load_checkpoint(ckpt_dir, model, opt, sched)
-        start = meta["batch"]
-        print0(f"resumed from {ckpt_dir} after rollout batch {start}")
     print0(f"diffu-GRPO on {args.task}: {len(ds)} prompts, {per_batch} per rollout batch x G={args.num_generations}, "
            f"mu={args.num_iterations}, beta={args.beta}, eps={args.epsilon}, p_mask={args.p_mask_prompt}, "
            f"T={args.temperature} | {sum(p.numel() for p in params):,} trainable params | world {world}")

@@ -174,8 +174,8 @@ class _Forward:
 
 
 def exact_block(fwd, x, s, e, steps, temperature, remasking, generator, mask_id):
-    """LLaDA's sampler (low-confidence remasking, as in its reference generate) on one block [s, e) of the canvas x, in place:
-    for each of `steps` steps, predict every masked position from the whole canvas, then commit the k most
+    """LLaDA's sampler (low-confidence remasking, as in its reference generate) on one block [s, e) of the canvas
+    x, in place: for each of `steps` steps, predict every masked position from the whole canvas, then commit the k most
     confident proposals inside the block (k from the linear schedule) and leave the others masked. Every row starts
     the block fully masked, so the schedule is the same for all rows (the reference recomputes it per row from the
     mask count; the result is identical)."""

@@ -24,7 +24,6 @@ best one, and the export holds the best evaluation's weights ("train until the h
 """
 
 import argparse
-import contextlib
 import math
 import os
 import time
@@ -34,10 +33,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import model as M
 from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
-                    broadcast_params, build_model, compute_cleanup, compute_init, export_model, fmt_metrics,
-                    load_checkpoint, lr_lambda, make_trainable, print0, resolve_dtype, save_checkpoint)
+                    broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, make_optimizer,
+                    maybe_resume, print0, save_checkpoint, training_setup)
 from data import add_sudoku_args, load_task, sudoku_kwargs
 from memory import Setting, check_fits
 
@@ -249,6 +247,55 @@ def get_args(argv=None):
     return args
 
 
+class BestWeights:
+    """Early stopping and --keep-best: the best held-out loss so far, its step, evaluations since it improved, and
+    (with keep) a CPU copy of the trainable weights of that evaluation. Saved in checkpoints, so it survives --resume."""
+
+    def __init__(self, params, keep, patience, record=None, state=None):
+        self.params, self.keep, self.patience = params, keep, patience
+        self.record = record or {"loss": float("inf"), "step": 0, "bad": 0}
+        self.state = state
+
+    def update(self, step, loss):
+        """Record an evaluation; True when training should stop (--patience evaluations without improvement)."""
+        if loss < self.record["loss"]:
+            self.record = {"loss": loss, "step": step, "bad": 0}
+            self.state = [p.detach().to("cpu", copy=True) for p in self.params] if self.keep else None
+        else:
+            self.record["bad"] += 1
+        return bool(self.patience) and self.record["bad"] >= self.patience
+
+    @torch.no_grad()
+    def restore(self):
+        for p, b in zip(self.params, self.state):
+            p.copy_(b)
+
+
+def train_step(model, params, opt, sched, batch, noise, args, rank, world, autocast, device):
+    """One optimizer step on this rank's share of the global batch: micro-batches accumulate, gradients are
+    averaged over ranks (= the mean over the global batch), clipped, applied. Returns the metrics."""
+    ids, plens, idx = batch
+    t_all, u_all = noise
+    per_rank = args.batch_size // world
+    accum = per_rank // args.micro_batch_size
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    idx, t_all, u_all = idx[mine], t_all[mine], u_all[mine]
+    loss_sum = 0.0
+    for m in range(accum):
+        sl = slice(m * args.micro_batch_size, (m + 1) * args.micro_batch_size)
+        with autocast:
+            loss = sft_loss(model, ids[idx[sl]].to(device), plens[idx[sl]].to(device), model.cfg.mask_token_id,
+                            t_all[sl].to(device), u_all[sl].to(device), args.eps)
+        (loss / accum).backward()
+        loss_sum += loss.item() / accum
+    all_reduce_grads(params, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world, device = compute_init(args.device)
@@ -257,114 +304,71 @@ def main(argv=None):
     if args.batch_size % (world * args.micro_batch_size):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by world size {world} x "
                          f"--micro-batch-size {args.micro_batch_size}")
-    per_rank = args.batch_size // world
-    accum = per_rank // args.micro_batch_size
-    # Weights: LoRA keeps the base in bf16 on GPU (adapters are fp32); full fine-tuning keeps fp32 master weights
-    # and computes in bf16 under autocast (a 1e-5 update is below bf16's resolution for most weights).
-    dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
-    model, tok = build_model(args.model, dtype, device, seed=args.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    params = make_trainable(model, args, tuple(args.lora_targets.split(",")))
+    targets = tuple(args.lora_targets.split(","))
+    model, tok, params, dtype, autocast = training_setup(args, device, targets)
     check_fits(Setting(model.cfg, micro_batch=args.micro_batch_size, prompt_len=0, completion_len=args.max_length,
-                       dtype=dtype, lora_r=args.lora_r, lora_targets=tuple(args.lora_targets.split(",")),
-                       grad_ckpt=args.grad_ckpt), device, args.force)
+                       dtype=dtype, lora_r=args.lora_r, lora_targets=targets, grad_ckpt=args.grad_ckpt), device,
+               args.force)
     broadcast_params(params, world)
-    mask_id, eos_id = model.cfg.mask_token_id, model.cfg.eos_token_id
-
     rows, held = load_data(args)
-    ids, plens, n_trunc = tokenize_examples(tok, rows, args.max_length, eos_id)
-    eval_ids, eval_plens, _ = tokenize_examples(tok, held, args.max_length, eos_id)
+    ids, plens, n_trunc = tokenize_examples(tok, rows, args.max_length, model.cfg.eos_token_id)
+    eval_ids, eval_plens, _ = tokenize_examples(tok, held, args.max_length, model.cfg.eos_token_id)
     N, T = ids.shape
     total_steps = args.max_steps or math.ceil(args.epochs * N / args.batch_size)
     print0(f"{N} training examples ({n_trunc} truncated to --max-length {args.max_length}), {len(eval_ids)} held out | "
            f"{model.num_params():,} params, {sum(p.numel() for p in params):,} trainable | world {world}, "
-           f"{per_rank} per rank = {accum} x {args.micro_batch_size} | {total_steps} steps")
-
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps, args.lr_schedule))
-    start = 0
-    # Early stopping (--patience): the best held-out loss so far, its step, and evaluations since it improved.
-    best, best_state = {"loss": float("inf"), "step": 0, "bad": 0}, None
-    ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    if args.resume:
-        if not os.path.isdir(ckpt_dir):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
-        meta = load_checkpoint(ckpt_dir, model, opt, sched)
-        start, best = meta["step"], meta.get("early_stop", best)
-        if os.path.exists(os.path.join(ckpt_dir, "extra.pt")):
-            best_state = torch.load(os.path.join(ckpt_dir, "extra.pt"), map_location="cpu")["best_state"]
-        print0(f"resumed from {ckpt_dir} at step {start}")
+           f"{args.batch_size // world} per rank in micro-batches of {args.micro_batch_size} | {total_steps} steps")
+    opt, sched = make_optimizer(params, args, total_steps)
+    meta = maybe_resume(args, model, opt, sched)
+    ckpt_dir, start = os.path.join(args.out_dir, "checkpoint"), meta["step"] if meta else 0
+    extra = os.path.join(ckpt_dir, "extra.pt")
+    best = BestWeights(params, args.keep_best, args.patience, meta and meta.get("early_stop"),
+                       torch.load(extra, map_location="cpu")["best_state"] if meta and os.path.exists(extra) else None)
     log = JsonlLog(os.path.join(args.out_dir, "metrics.jsonl"))
     levels = noise_levels(args.eval_noise_levels)
-    heldout = lambda: heldout_loss(model, eval_ids, eval_plens, mask_id, args.micro_batch_size * 4, device,
-                                   autocast, levels, rank, world)
+    heldout = lambda: heldout_loss(model, eval_ids, eval_plens, model.cfg.mask_token_id, args.micro_batch_size * 4,
+                                   device, autocast, levels, rank, world)
     print0(f"validation: {len(eval_ids)} examples x {len(levels)} noise levels x {eval_ids.shape[1]} tokens = "
            f"{len(eval_ids) * len(levels) * eval_ids.shape[1]:,} forward tokens per evaluation, sharded over "
            f"{world} rank(s)")
-
-    def track_best(step, eval_loss):
-        """Update the early-stopping record; True when training should stop."""
-        nonlocal best, best_state
-        if eval_loss < best["loss"]:
-            best = {"loss": eval_loss, "step": step, "bad": 0}
-            best_state = [p.detach().to("cpu", copy=True) for p in params] if args.keep_best else None
-        else:
-            best["bad"] += 1
-        return bool(args.patience) and best["bad"] >= args.patience
-
     if start == 0:
         loss0 = heldout()
         log.write(step=0, eval_loss=loss0)
-        track_best(0, loss0)
+        best.update(0, loss0)
     model.train()
     metrics, halted = {}, False
     bar = tqdm(range(start, total_steps), disable=rank != 0, desc="sft", dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        batch = batch_for(step, args.batch_size, N, args.seed)  # (batch_size,) the global batch of this step
-        t_all, u_all = noise_for(step, args.seed, args.batch_size, T)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        batch, t_all, u_all = batch[mine], t_all[mine], u_all[mine]
-        loss_sum = 0.0
-        for m in range(accum):
-            sl = slice(m * args.micro_batch_size, (m + 1) * args.micro_batch_size)
-            with autocast:
-                loss = sft_loss(model, ids[batch[sl]].to(device), plens[batch[sl]].to(device), mask_id,
-                                t_all[sl].to(device), u_all[sl].to(device), args.eps)
-            (loss / accum).backward()
-            loss_sum += loss.item() / accum
-        all_reduce_grads(params, world)  # mean over ranks = mean over the global batch
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = {"loss": loss_sum, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-                   "step_time": time.perf_counter() - t0}
+        # The global batch and its noise are functions of the step alone: every rank takes its slice, and a resumed
+        # run draws exactly what the uninterrupted run drew.
+        metrics = train_step(model, params, opt, sched, (ids, plens, batch_for(step, args.batch_size, N, args.seed)),
+                             noise_for(step, args.seed, args.batch_size, T), args, rank, world, autocast, device)
+        metrics["step_time"] = time.perf_counter() - t0
         stop = False
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
             metrics["eval_loss"] = heldout()
-            stop = track_best(step + 1, metrics["eval_loss"])
+            stop = best.update(step + 1, metrics["eval_loss"])
         log.write(step=step + 1, **metrics)
-        bar.write(fmt_metrics(step + 1, metrics)) if rank == 0 else None
+        if rank == 0:
+            bar.write(fmt_metrics(step + 1, metrics))
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(ckpt_dir, model, tok, opt, sched,
-                            {"step": step + 1, "args": vars(args), "early_stop": best, **metrics},
-                            extra={"best_state": best_state} if best_state is not None else None)
+                            {"step": step + 1, "args": vars(args), "early_stop": best.record, **metrics},
+                            extra={"best_state": best.state} if best.state is not None else None)
         if stop:
             print0(f"early stop at step {step + 1}: the held-out loss has not improved for {args.patience} "
-                   f"evaluations; best {best['loss']:.4f} at step {best['step']}")
+                   f"evaluations; best {best.record['loss']:.4f} at step {best.record['step']}")
             break
         if args.halt_after is not None and step + 1 >= args.halt_after:
             print0(f"halting after step {step + 1} (--halt-after)")
             halted = step + 1 < total_steps  # a halt at the last step is just the end
             break
     print0(f"ranks in sync: {assert_ranks_in_sync(params, world)}")
-    if best_state is not None and not halted:  # --keep-best: export the best evaluation's weights, not the last step's
-        with torch.no_grad():
-            for p, b in zip(params, best_state):
-                p.copy_(b)
-        print0(f"restored the weights of step {best['step']} (best held-out loss {best['loss']:.4f})")
-        metrics = {**metrics, "best_step": best["step"], "best_eval_loss": best["loss"]}
+    if best.state is not None and not halted:  # --keep-best: export the best evaluation's weights, not the last step's
+        best.restore()
+        print0(f"restored the weights of step {best.record['step']} (best held-out loss {best.record['loss']:.4f})")
+        metrics = {**metrics, "best_step": best.record["step"], "best_eval_loss": best.record["loss"]}
     if not args.no_export and not halted:
         export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args), **metrics}, args.export)
         print0(f"exported ({args.export}) to {os.path.join(args.out_dir, 'final')}")
