@@ -86,6 +86,93 @@ MAX_EXPR_LEN, MAX_DEPTH, MAX_ABS = 200, 32, 1e15
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(\*\*|.))")
 
 
+def _tokens(expr, python_power):
+    """'(30-5)*2' -> ['(', 30.0, '-', 5.0, ')', '*', 2.0]; None if a character or number is not accepted."""
+    tokens = []
+    for num, op in _TOKEN.findall(expr):
+        if num:
+            if len(num) > 20 or (python_power and re.fullmatch(r"0+[1-9]\d*", num)):
+                return None  # absurdly long, or Python 3's syntax error for '07'
+            tokens.append(float(num))
+        elif op in ("+", "-", "*", "/", "(", ")") or (op == "**" and python_power):
+            tokens.append(op)
+        elif op.strip():
+            return None
+    return tokens
+
+
+class _Parser:
+    """Recursive descent over the tokens, Python's precedence:
+        expr := term (('+'|'-') term)*      term := unary (('*'|'/') unary)*
+        unary := ('+'|'-') unary | power   power := atom ['**' unary]   atom := number | '(' expr ')'
+    Every intermediate result is checked against MAX_ABS; nesting is bounded by MAX_DEPTH."""
+
+    def __init__(self, tokens):
+        self.tokens, self.pos = tokens, 0
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self):
+        self.pos += 1
+        return self.tokens[self.pos - 1]
+
+    def expr(self, depth):
+        v = self.term(depth)
+        while self.peek() in ("+", "-"):
+            op, w = self.take(), self.term(depth)
+            v = _check(v + w if op == "+" else v - w)
+        return v
+
+    def term(self, depth):
+        v = self.unary(depth)
+        while self.peek() in ("*", "/"):
+            op, w = self.take(), self.unary(depth)
+            if op == "/" and w == 0:
+                raise ValueError("division by zero")
+            v = _check(v * w if op == "*" else v / w)
+        return v
+
+    def unary(self, depth):
+        if depth > MAX_DEPTH:
+            raise ValueError("too deep")
+        if self.peek() in ("+", "-"):
+            v = -1.0 if self.take() == "-" else 1.0
+            return v * self.unary(depth + 1)
+        return self.power(depth)
+
+    def power(self, depth):  # right-associative; binds tighter than a unary minus on its left, as in Python
+        v = self.atom(depth)
+        if self.peek() != "**":
+            return v
+        self.take()
+        w = self.unary(depth + 1)
+        if (v == 0 and w < 0) or (v < 0 and w != int(w)):
+            raise ValueError("division by zero or complex result")
+        if abs(v) > 1 and w * math.log10(abs(v)) > 15:
+            raise ValueError("too large")
+        return _check(v ** w)
+
+    def atom(self, depth):
+        t = self.peek()
+        if isinstance(t, float):
+            return self.take()
+        if t != "(":
+            raise ValueError("unexpected token")
+        self.take()
+        v = self.expr(depth + 1)
+        if self.peek() != ")":
+            raise ValueError("unbalanced")
+        self.take()
+        return v
+
+
+def _check(v):
+    if abs(v) > MAX_ABS:
+        raise ValueError("too large")
+    return v
+
+
 def safe_eval(expr, python_power=False):
     """Value of an arithmetic expression as a float, or None if it is not one we accept. By default '**' is
     invalid (the prompt offers + - * / only, and d1's eval of it can hang its trainer). python_power=True scores as
@@ -94,92 +181,13 @@ def safe_eval(expr, python_power=False):
     syntax error, as in Python 3."""
     if not isinstance(expr, str) or len(expr) > MAX_EXPR_LEN:
         return None
-    tokens = []
-    for num, op in _TOKEN.findall(expr):
-        if num:
-            if len(num) > 20 or (python_power and re.fullmatch(r"0+[1-9]\d*", num)):
-                return None
-            tokens.append(float(num))
-        elif op in ("+", "-", "*", "/", "(", ")") or (op == "**" and python_power):
-            tokens.append(op)
-        elif op.strip():
-            return None
-    pos = 0
-
-    def peek():
-        return tokens[pos] if pos < len(tokens) else None
-
-    def expr_(depth):  # expr := term (('+'|'-') term)*
-        nonlocal pos
-        v = term(depth)
-        while peek() in ("+", "-"):
-            op = tokens[pos]
-            pos += 1
-            w = term(depth)
-            v = check(v + w if op == "+" else v - w)
-        return v
-
-    def term(depth):  # term := unary (('*'|'/') unary)*
-        nonlocal pos
-        v = unary(depth)
-        while peek() in ("*", "/"):
-            op = tokens[pos]
-            pos += 1
-            w = unary(depth)
-            if op == "/" and w == 0:
-                raise ValueError("division by zero")
-            v = check(v * w if op == "*" else v / w)
-        return v
-
-    def unary(depth):  # unary := ('+'|'-') unary | power
-        nonlocal pos
-        if depth > MAX_DEPTH:
-            raise ValueError("too deep")
-        if peek() in ("+", "-"):
-            op = tokens[pos]
-            pos += 1
-            v = unary(depth + 1)
-            return -v if op == "-" else v
-        return power(depth)
-
-    def power(depth):  # power := atom ['**' unary]   (right-associative, as in Python)
-        nonlocal pos
-        v = atom(depth)
-        if peek() == "**":
-            pos += 1
-            w = unary(depth + 1)
-            if v == 0 and w < 0:
-                raise ValueError("division by zero")
-            if v < 0 and w != int(w):
-                raise ValueError("complex result")
-            if abs(v) > 1 and w * math.log10(abs(v)) > 15:
-                raise ValueError("too large")
-            v = check(v ** w)
-        return v
-
-    def atom(depth):  # atom := number | '(' expr ')'
-        nonlocal pos
-        t = peek()
-        if isinstance(t, float):
-            pos += 1
-            return t
-        if t == "(":
-            pos += 1
-            v = expr_(depth + 1)
-            if peek() != ")":
-                raise ValueError("unbalanced")
-            pos += 1
-            return v
-        raise ValueError("unexpected token")
-
-    def check(v):
-        if abs(v) > MAX_ABS:
-            raise ValueError("too large")
-        return v
-
+    tokens = _tokens(expr, python_power)
+    if not tokens:
+        return None
+    parser = _Parser(tokens)
     try:
-        v = expr_(0)
-        return v if pos == len(tokens) and tokens else None
+        v = parser.expr(0)
+        return v if parser.pos == len(tokens) else None
     except (ValueError, RecursionError, OverflowError, ZeroDivisionError):
         return None
 

@@ -127,3 +127,15 @@ def launch(script, args, nproc=1, timeout=600):
 
 
 TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+# d1's Sudoku system prompt, hand-copied from the d1 reference notes (not from data/__init__.py), so that prompt tests
+# compare the code against an independent transcription.
+D1_SUDOKU_SYSTEM = (
+    "\nPlease solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading "
+    "left-to-right, top-to-bottom, where '0' represents empty cells.\n\nRules:\n- Fill empty cells with digits 1-4\n"
+    "- Each row must contain digits 1-4 exactly once\n- Each column must contain digits 1-4 exactly once\n"
+    "- Each 2x2 box must contain digits 1-4 exactly once\n\nImportant: Your solution must be a COMPLETE 16-character "
+    "string with only the digits 1-4, representing your final solved grid.\n\nRespond in this exact format:\n"
+    "<reasoning>\nYour step-by-step solving process\n</reasoning>\n<answer>\n[16-character solution string with no "
+    "spaces or separators]\n</answer>\n")

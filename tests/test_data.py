@@ -3,8 +3,8 @@ import os
 import pytest
 
 import rewards as R
-from conftest import FIXTURES
-from data import SUDOKU_SYSTEM_PROMPT, countdown, load_task, sudoku
+from conftest import D1_SUDOKU_SYSTEM, FIXTURES
+from data import countdown, load_task, sudoku
 
 
 def test_there_are_288_distinct_valid_grids():
@@ -89,14 +89,16 @@ def test_math_train_answer_is_the_last_boxed_of_the_solution_and_gsm8k_strips_th
 
 
 def test_d1_prompts_are_exact_and_compact_style_is_short():
-    row = load_task("sudoku", "test", n=1)[0]
-    assert row["prompt"][0]["content"] == SUDOKU_SYSTEM_PROMPT + f"\n\nSolve the following Sudoku puzzle: {row['puzzle']}\n"
+    row = load_task("sudoku", "test", n=1)[0]  # against a hand transcription of d1's text, not the module constant
+    assert row["prompt"][0]["content"] == D1_SUDOKU_SYSTEM + f"\n\nSolve the following Sudoku puzzle: {row['puzzle']}\n"
     compact = load_task("sudoku", "test", n=1, style="compact")[0]
     assert compact["prompt"][0]["content"] == f"sudoku {row['puzzle']}" and len(compact["prompt"][0]["content"]) < 30
     ev = load_task("gsm8k", "test", data_path=os.path.join(FIXTURES, "gsm8k.jsonl"))[0]["prompt"][0]["content"]
     assert ev.startswith("You are a math expert.") and ev.endswith("April and May?")
     tr = load_task("gsm8k", "train", data_path=os.path.join(FIXTURES, "gsm8k.jsonl"))[0]["prompt"][0]["content"]
-    assert tr.startswith("\nRespond in the following format:\n<reasoning>\n")
+    assert tr == ("\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+                  "\n\nNatalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                  "How many clips did Natalia sell altogether in April and May?")
 
 
 def test_s1k_completion_format():

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 from conftest import OFFICIAL_TINY_CONFIG, write_official_checkpoint
@@ -83,13 +84,17 @@ def test_left_padded_rows_match_their_unpadded_logits_and_all_ones_mask_is_the_n
     assert torch.equal(tiny(ids, attention_mask=full), tiny(ids))
 
 
-def test_rmsnorm_matches_the_formula():
+def test_rmsnorm_equals_torchs_rms_norm_and_casts_before_the_weight_in_bf16():
+    """Against PyTorch's own implementation (F.rms_norm), and in bf16 the official order: normalise in fp32, cast
+    back, then multiply by the weight (a different order changes bf16 logits)."""
     norm = M.RMSNorm(8, 1e-5)
+    w = torch.linspace(0.5, 2.0, 8)
     with torch.no_grad():
-        norm.weight.copy_(torch.arange(8.0))
+        norm.weight.copy_(w)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
-    want = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * torch.arange(8.0)
-    torch.testing.assert_close(norm(x), want)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (8,), w, eps=1e-5))
+    xb, nb = x.to(torch.bfloat16), norm.to(torch.bfloat16)
+    assert torch.equal(nb(xb), F.rms_norm(xb.float(), (8,), eps=1e-5).to(torch.bfloat16) * w.to(torch.bfloat16))
 
 
 def test_rope_rotates_each_half_pair_by_position_times_frequency():
@@ -105,6 +110,19 @@ def test_rope_rotates_each_half_pair_by_position_times_frequency():
                                                                          torch.sin(torch.tensor(ang)))
             want[0, 0, t, i], want[0, 0, t, i + hd // 2] = z.real, z.imag
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_rotated_query_key_products_depend_only_on_the_position_difference():
+    """RoPE's defining property, independent of how it is written: <R_m q, R_n k> is a function of m - n."""
+    hd, theta = 16, 500000.0
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 1, 1, hd, generator=g), torch.randn(1, 1, 1, hd, generator=g)
+    cos, sin = M.rope_cos_sin(torch.arange(40), hd, theta)
+    rot = lambda x, p: M.apply_rope(x, cos[p:p + 1], sin[p:p + 1])
+    dot = lambda m, n: (rot(q, m) * rot(k, n)).sum().item()
+    for m, n, shift in [(3, 1, 10), (7, 7, 25), (0, 5, 30)]:
+        assert abs(dot(m, n) - dot(m + shift, n + shift)) < 1e-4
+    assert abs(dot(3, 1) - dot(1, 3)) > 1e-3  # but not of |m - n|: the rotation has a direction
 
 
 def test_bf16_forward_gives_bf16_logits(tiny):

@@ -8,7 +8,7 @@ import pytest
 
 import model as M
 import scoring as S
-from conftest import FIXTURES
+from conftest import D1_SUDOKU_SYSTEM, FIXTURES
 from data.d1_eval import D1_FILES, load_d1_eval
 from sample import render_prompts
 
@@ -221,15 +221,7 @@ def test_input_text_of_each_task_is_d1s_prompt_exactly():
                             "but each number must be used exactly once. Think step-by-step. After reasoning, provide "
                             "only your final expression inside \\boxed{} tags without including an equals sign or the "
                             "target number. For example: \\boxed{a + b * c}" + FORMAT + "\n\n" + cd["question"] + TAIL,
-        "sudoku": HEAD + "Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character "
-                         "string reading left-to-right, top-to-bottom, where '0' represents empty cells.\n\nRules:\n"
-                         "- Fill empty cells with digits 1-4\n- Each row must contain digits 1-4 exactly once\n"
-                         "- Each column must contain digits 1-4 exactly once\n- Each 2x2 box must contain digits 1-4 "
-                         "exactly once\n\nImportant: Your solution must be a COMPLETE 16-character string with only "
-                         "the digits 1-4, representing your final solved grid.\n\nRespond in this exact format:\n"
-                         "<reasoning>\nYour step-by-step solving process\n</reasoning>\n<answer>\n[16-character "
-                         "solution string with no spaces or separators]\n</answer>\n\n\nSolve the following Sudoku "
-                         "puzzle: " + sd["puzzle"] + TAIL,
+        "sudoku": HEAD + D1_SUDOKU_SYSTEM.lstrip() + "\n\nSolve the following Sudoku puzzle: " + sd["puzzle"] + TAIL,
     }
     for task, row in [("gsm8k", gsm), ("math", math), ("countdown", cd), ("sudoku", sd)]:
         assert render_prompts(tok, [row["prompt"]], "<reasoning>")[0] == expected[task], task
