@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
@@ -132,9 +133,21 @@ def compute_init(device_spec="auto"):
     return 0, 0, 1, resolve_device(device_spec)
 
 
+EXIT_AFTER_CLEANUP = False  # set by a script run from the command line (its `if __name__ == "__main__":`)
+
+
 def compute_cleanup():
+    """The end of a distributed run: every rank waits at a barrier, so all work (the export included) is done.
+    A script run from the command line then ends its process at once with os._exit(0): on CPU a gloo worker has,
+    rarely and only at interpreter teardown after a finished run, aborted in C++ with "terminate called without an
+    active exception", failing a run whose results were all written. Called from Python (tests), it destroys the
+    process group instead and returns."""
     if dist.is_initialized():
         dist.barrier()
+        if EXIT_AFTER_CLEANUP:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         dist.destroy_process_group()
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 import model as M
 from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
                     broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, make_optimizer,
@@ -446,4 +447,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    common.EXIT_AFTER_CLEANUP = True  # see compute_cleanup
     main()

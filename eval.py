@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 from common import add_model_args, compute_cleanup, compute_init, print0, setup_model
 from data import EVAL_PREFILL, TASKS, add_sudoku_args, load_task, sudoku_kwargs
 from data.d1_eval import PREFILL as D1_PREFILL, load_d1_eval
@@ -328,4 +329,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    common.EXIT_AFTER_CLEANUP = True  # see compute_cleanup
     main()

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
                     broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, make_optimizer,
                     maybe_resume, print0, save_checkpoint, training_setup)
@@ -377,4 +378,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    common.EXIT_AFTER_CLEANUP = True  # see compute_cleanup
     main()

@@ -21,11 +21,11 @@ for kernel in $KERNELS; do
     run=$ROOT/$kernel-seed$seed
     if [ -f $run/results.json ]; then echo "== $run: done"; continue; fi
     echo "== $run"
-    if [ "$kernel" = native ]; then
-      OUT=$run SEED=$seed PORT=$((29600 + i)) bash runs/tiny_sudoku.sh > $ROOT/$kernel-seed$seed.log 2>&1
-    else
-      ATEN_CPU_CAPABILITY=$kernel OUT=$run SEED=$seed PORT=$((29600 + i)) bash runs/tiny_sudoku.sh \
-        > $ROOT/$kernel-seed$seed.log 2>&1
+    rm -rf $run  # a run that did not finish starts over (its logs append)
+    if [ "$kernel" = native ]; then cap=""; else cap=$kernel; fi
+    if ! env ${cap:+ATEN_CPU_CAPABILITY=$cap} OUT=$run SEED=$seed PORT=$((29600 + i)) bash runs/tiny_sudoku.sh \
+        > $ROOT/$kernel-seed$seed.log 2>&1; then
+      echo "== $run FAILED (see $ROOT/$kernel-seed$seed.log); the sweep goes on"
     fi
   done
 done
