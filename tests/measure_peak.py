@@ -3,7 +3,7 @@
 Run as a subprocess with MALLOC_MMAP_THRESHOLD_ set (so freed tensors go back to the OS at once and the resident set
 follows live memory): builds a small bf16 model, runs one update to create the optimizer state, then samples the
 resident set every 0.2 ms during a second update and prints the peak above the level before it, in bytes, as JSON.
-    python tests/measure_peak.py D_MODEL N_LAYERS MLP VOCAB MICRO_BATCH PROMPT COMPLETION LORA_R GRAD_CKPT
+    python tests/measure_peak.py D_MODEL N_LAYERS MLP VOCAB MICRO_BATCH PROMPT COMPLETION LORA_R GRAD_CKPT DTYPE
 """
 import json
 import os
@@ -23,12 +23,12 @@ def rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def main(d, layers, mlp, vocab, b, P, L, r, ckpt):
+def main(d, layers, mlp, vocab, b, P, L, r, ckpt, dtype):
     torch.set_num_threads(1)
     cfg = M.LLaDAConfig(d_model=d, n_layers=layers, n_heads=d // 64, n_kv_heads=d // 64, mlp_hidden_size=mlp,
                         vocab_size=vocab, embedding_size=vocab, mask_token_id=vocab - 1, eos_token_id=vocab - 2,
                         pad_token_id=vocab - 2)
-    model = M.LLaDA(cfg).init_weights(torch.Generator().manual_seed(0)).to(torch.bfloat16 if r else torch.float32)
+    model = M.LLaDA(cfg).init_weights(torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
     if r:
         M.apply_lora(model, r, 2 * r, 0.0, M.LORA_TARGETS)
     model.gradient_checkpointing = bool(ckpt)
@@ -65,4 +65,4 @@ def main(d, layers, mlp, vocab, b, P, L, r, ckpt):
 
 
 if __name__ == "__main__":
-    main(*[int(x) for x in sys.argv[1:]])
+    main(*[int(x) for x in sys.argv[1:10]], sys.argv[10])

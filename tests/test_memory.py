@@ -14,11 +14,16 @@ import model as M
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# bf16 as on a GPU. PyTorch's CPU attention in bf16 needs AVX-512 kernels ("pack_vnni2 is only supported when avx512
+# is supported" under ATEN_CPU_CAPABILITY=default), so elsewhere the plan is checked in fp32, the same way.
+DTYPE = torch.bfloat16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else torch.float32
+
+
 def measured_step_peak(d, layers, mlp, vocab, b, P, L, r, ckpt):
     """Peak resident memory above the level before one update micro-batch (tests/measure_peak.py)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "measure_peak.py")] +
-                         [str(x) for x in (d, layers, mlp, vocab, b, P, L, r, int(ckpt))],
+                         [str(x) for x in (d, layers, mlp, vocab, b, P, L, r, int(ckpt))] + [str(DTYPE)[6:]],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)["peak_above_base"]
@@ -35,7 +40,8 @@ def test_planned_peak_agrees_with_the_measured_peak_within_25_percent(d, layers,
     measured during a real forward + backward + step of the same shapes."""
     cfg = M.LLaDAConfig(d_model=d, n_layers=layers, n_heads=d // 64, n_kv_heads=d // 64, mlp_hidden_size=mlp,
                         vocab_size=vocab, embedding_size=vocab)
-    p = Mem.plan(Mem.Setting(cfg, micro_batch=b, prompt_len=P, completion_len=L, lora_r=r, grad_ckpt=ckpt))
+    p = Mem.plan(Mem.Setting(cfg, micro_batch=b, prompt_len=P, completion_len=L, dtype=DTYPE, lora_r=r,
+                             grad_ckpt=ckpt))
     n_lora = Mem.trainable_params(cfg, r, M.LORA_TARGETS)
     # The measurement's starting level already holds weights, adapters and AdamW state; the step allocates the
     # adapters' gradients (fp32) and everything dynamic.
