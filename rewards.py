@@ -348,11 +348,13 @@ def countdown_reward_func(prompts, completions, nums, target, **kw):
     (0.1): the prompt only offers + - * /, and d1's eval of it is what can hang its trainer."""
     out = []
     for c, ns, t in zip(completions, nums, target):
-        out.append(_countdown_score(last_answer_block(text_of(c)), ns, t, partial=0.1))
+        out.append(countdown_score(last_answer_block(text_of(c)), ns, t, partial=0.1))
     return out
 
 
-def _countdown_score(expr, nums, target, partial):
+def countdown_score(expr, nums, target, partial, python_power=False):
+    """None -> 0; numbers other than the given multiset, or characters other than digits, + - * / ( ) . and spaces
+    -> partial; value within 1e-5 of the target -> 1.0, else partial. python_power: safe_eval's d1 semantics."""
     if expr is None:
         return 0.0
     expr = expr.strip()
@@ -361,7 +363,7 @@ def _countdown_score(expr, nums, target, partial):
         return partial
     if not re.fullmatch(r"[\d+\-*/().\s]+", expr):
         return partial
-    v = safe_eval(expr)
+    v = safe_eval(expr, python_power)
     return 1.0 if v is not None and abs(v - float(target)) < 1e-5 else partial
 
 

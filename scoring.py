@@ -17,17 +17,11 @@ Every score_* returns a dict with `correct` (bool) and `extracted` (what was par
 
 import re
 
-from rewards import (MAX_CHARS, boxed_contents, first_answer_block, last_boxed, math_equiv, numbers_in, pad16,
-                     safe_eval, strip_math_answer)
+from rewards import (MAX_CHARS, countdown_score, boxed_contents, first_answer_block, last_boxed, math_equiv, pad16,
+                     strip_math_answer, sudoku_cells)
 
 # -----------------------------------------------------------------------------
 # Shared by both scorers
-
-
-def sudoku_cells(answer, puzzle, solution):
-    """(correct blank cells, blank cells) for a 16-character answer string."""
-    blanks = [i for i, ch in enumerate(puzzle) if ch == "0"]
-    return sum(answer[i] == solution[i] for i in blanks), len(blanks)
 
 
 def sudoku_given_copied(answer, puzzle):
@@ -187,16 +181,6 @@ def d1_parse_countdown(text):
     return before.strip() if before is not None else equation
 
 
-def d1_countdown_correct(equation, nums, target):
-    used = numbers_in(equation)
-    if used is None or sorted(used) != sorted(int(n) for n in nums):
-        return False
-    if not re.fullmatch(r"[\d+\-*/().\s]+", equation):
-        return False
-    v = safe_eval(equation, python_power=True)  # Python's eval where it terminates; an error -> inf (wrong)
-    return v is not None and abs(v - float(target)) < 1e-5
-
-
 def _d1_sudoku_answer(text):
     """The first of d1's five patterns whose group is non-empty after strip, each as re.search(..., re.DOTALL) would
     find it; patterns anchored on <answer> are tried from the first <answer> only (the lazy prefix .*? makes the
@@ -314,19 +298,11 @@ def score(task, text, row, scoring="ours"):
         return dict(extracted=pred, correct=bool((d1_is_equiv if d1 else math_equiv)(pred, str(row["answer"]))))
     if task == "countdown":
         expr = (d1_parse_countdown if d1 else parse_countdown)(text)
-        return dict(extracted=expr, correct=d1_countdown_correct(expr, row["nums"], row["target"]) if d1 else
-                    _countdown_correct(expr, row["nums"], row["target"]))
+        # d1 evaluates with Python's eval (where it terminates: '**' included), ours with the reward's parser
+        return dict(extracted=expr, correct=countdown_score(expr, row["nums"], row["target"], 0.0, d1) == 1.0)
     if task == "sudoku":
         ans = (d1_parse_sudoku if d1 else parse_sudoku)(text)
         correct, blanks = sudoku_cells(ans, row["puzzle"], row["solution"])
         return dict(extracted=ans, correct_cells=correct, blank_cells=blanks, correct=correct == blanks,
                     given_copied=sudoku_given_copied(ans, row["puzzle"]), given_cells=16 - blanks)
     raise ValueError(f"unknown task {task!r}")
-
-
-def _countdown_correct(expr, nums, target):
-    used = numbers_in(expr)
-    if used is None or sorted(used) != sorted(int(n) for n in nums) or not re.fullmatch(r"[\d+\-*/().\s]+", expr):
-        return False
-    v = safe_eval(expr)
-    return v is not None and abs(v - float(target)) < 1e-5
