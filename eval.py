@@ -245,17 +245,21 @@ def check_run_config(args, rank):
     """Write OUT_DIR/run.json, or refuse to resume into an out-dir whose generations came from other settings."""
     path = os.path.join(args.out_dir, "run.json")
     cfg = {k: getattr(args, k) for k in RUN_KEYS}
-    if os.path.exists(path):
+    existed = os.path.exists(path)  # every rank reads before rank 0 may write (no rank reads a half-written file)
+    if existed:
         with open(path) as f:
             old = json.load(f)
         diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
         if diff:
             raise SystemExit(f"{args.out_dir} holds generations from other settings ({diff}, as (there, now)); "
                              "a rerun there would reuse them. Pass a new --out-dir, or delete that one.")
-    elif rank == 0:
+    if dist.is_initialized():
+        dist.barrier()
+    if not existed and rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(cfg, f, indent=1)
+        os.replace(path + ".tmp", path)
     if dist.is_initialized():
         dist.barrier()
 
