@@ -10,6 +10,13 @@ with L_r the answer length of that sample (EOS padding included). The 1/p weight
 negative log-likelihood (masked diffusion ELBO); the padding counts because learning to write EOS up to the end of
 a fixed canvas is how the model learns to stop.
 
+LLaDA's PRE-TRAINING objective (its Eq. 3) is the same estimator with every token maskable, the prompt included:
+    loss = E_t [ 1/L * sum_{i masked} -log p_theta(x0_i | x_t) / p ]      (L = the whole sequence length)
+d1 fine-tunes a model that went through both; a model trained here from scratch has seen only what this script
+showed it. --objective pretrain uses Eq. 3, --objective mix draws one of the two per sequence (50/50, seeded). Mix
+matters for diffu-GRPO's random prompt masking (p_mask > 0): a model that has only ever seen a clean prompt reads a
+partly masked one out of distribution. The held-out loss is always the SFT one (what the answer costs).
+
 Length: d1 pads every s1K example to 4096 tokens with EOS. We pad to --max-length (a fixed canvas, so the model
 still learns to fill the rest with EOS) and truncate longer answers; the script reports how many were truncated.
 
@@ -26,6 +33,7 @@ best one, and the export holds the best evaluation's weights ("train until the h
 import argparse
 import math
 import os
+import random
 import time
 
 import torch
@@ -37,7 +45,7 @@ import common
 from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
                     broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, make_optimizer,
                     maybe_resume, print0, save_checkpoint, training_setup)
-from data import add_sudoku_args, load_task, sudoku_kwargs
+from data import add_sudoku_args, completion_text, load_task, sudoku_kwargs
 from memory import Setting, check_fits
 
 
@@ -72,11 +80,13 @@ def tokenize_examples(tokenizer, rows, max_length, eos_id):
 def sft_loss(model, ids, prompt_lens, mask_id, t, u, eps=1e-3):
     """ids (B, T) long; prompt_lens (B,); t (B,) noise levels in [0, 1]; u (B, T) uniforms deciding the mask.
     Returns the mean over the batch of (sum over masked answer tokens of CE / p) / answer length.
+    prompt_lens is really "where the maskable part starts": pass 0 for a sequence and it gets LLaDA's PRE-TRAINING
+    objective instead (every token maskable, normalised by the whole length; --objective pretrain|mix).
     t and u are inputs (not drawn here) so callers control the randomness: training draws them from a seeded
     generator, the held-out loss uses fixed t's, and tests compute the same number by hand."""
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device)[None, :]
-    answer = pos >= prompt_lens[:, None]  # (B, T) maskable: the answer and its EOS padding, never the prompt
+    answer = pos >= prompt_lens[:, None]  # (B, T) maskable: the answer and its EOS padding (SFT), or all (pre-training)
     p = ((1 - eps) * t + eps)[:, None]  # (B, 1) masking probability of each sequence
     masked = answer & (u < p)  # (B, T)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
@@ -91,11 +101,22 @@ def sft_loss(model, ids, prompt_lens, mask_id, t, u, eps=1e-3):
 
 
 def noise_for(step, seed, n, T):
-    """The noise of global step `step` for its n examples: a generator seeded from (seed, step) alone, so every
-    rank draws the same numbers for the whole global batch (each takes its slice) and a resumed run draws
-    exactly what the uninterrupted run drew."""
+    """The noise of global step `step` for its n examples: (t (n,), u (n, T), coin (n,)) from a generator seeded
+    from (seed, step) alone, so every rank draws the same numbers for the whole global batch (each takes its slice)
+    and a resumed run draws exactly what the uninterrupted run drew. `coin` picks the objective under --objective mix."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.rand(n, generator=g), torch.rand(n, T, generator=g)
+    return torch.rand(n, generator=g), torch.rand(n, T, generator=g), torch.rand(n, generator=g)
+
+
+def maskable_start(plens, coin, objective):
+    """Where each sequence's maskable part starts. LLaDA trains with two objectives (llada.md): PRE-TRAINING masks
+    every token (start 0), SFT only the answer (start = prompt length). 'mix' gives half the sequences each, so a
+    model also learns to read a partly masked prompt, which diffu-GRPO's random prompt masking (p_mask) shows it."""
+    if objective == "sft":
+        return plens
+    if objective == "pretrain":
+        return torch.zeros_like(plens)
+    return torch.where(coin < 0.5, torch.zeros_like(plens), plens)
 
 
 def noise_levels(k):
@@ -143,7 +164,11 @@ def load_data(args):
         args.eval_n = max(1, round(args.eval_frac * args.train_n))
     n_total = None if args.train_n is None else args.train_n + (0 if sudoku else args.eval_n)
     gen_kw = sudoku_kwargs(args.task, args)
+    if args.sudoku_answers == "random" and args.task != "sudoku":
+        raise ValueError("--sudoku-answers random is for --task sudoku")
     rows = load_task(args.task, "train", args.data_path, args.prompt_style, n=n_total, seed=args.seed, **gen_kw)
+    if args.sudoku_answers == "random":
+        rows = random_fill_answers(rows, args.seed, args.prompt_style)
     if args.eval_n is None:  # --eval-frac of the whole set (d1: 1% of s1K's 1000 = 10 examples)
         args.eval_n = max(1, round(args.eval_frac * len(rows)))
     if sudoku:
@@ -156,9 +181,20 @@ def load_data(args):
                    f" validating on new puzzles of seen grids")
             held = pool.filter(lambda r: r["puzzle"] not in labelled)
         held = held.select(range(min(args.eval_n, len(held))))
+        if args.sudoku_answers == "random":
+            held = random_fill_answers(held, args.seed + 1, args.prompt_style)
     else:
         held, rows = rows.select(range(len(rows) - args.eval_n, len(rows))), rows.select(range(len(rows) - args.eval_n))
     return rows, held
+
+
+def random_fill_answers(rows, seed, style):
+    """Sudoku rows whose SFT answer is the puzzle with each blank ('0') replaced by a random digit 1-4 (seeded):
+    the answer's format and its given cells are right, its blank cells carry no information about the solution."""
+    rng = random.Random(seed)
+    fill = lambda p: "".join(str(rng.randint(1, 4)) if ch == "0" else ch for ch in p)
+    texts = [completion_text(fill(p), style) for p in rows["puzzle"]]
+    return rows.remove_columns("completion").add_column("completion", texts)
 
 
 # Unset flags take a preset. "s1k" is d1's sft_train.py as it ran (d1_eval.md, "Training-side facts"): LoRA r 128,
@@ -202,6 +238,14 @@ def get_args(argv=None):
     ap.add_argument("--eval-frac", type=float, default=None,
                     help="held-out fraction of the training set, when --eval-n is unset (s1k: 0.01)")
     add_sudoku_args(ap)
+    ap.add_argument("--sudoku-answers", default="solutions", choices=["solutions", "random"],
+                    help="generated Sudoku: the SFT answer is the solution, or the puzzle with every blank filled "
+                         "by a random digit (teaches the answer format and copying the given cells, and no Sudoku: "
+                         "like d1, whose SFT data s1K holds no Sudoku, RL must then supply the skill)")
+    ap.add_argument("--objective", default="sft", choices=["sft", "pretrain", "mix"],
+                    help="LLaDA's SFT objective (only the answer is masked), its pre-training objective (every "
+                         "token maskable), or a 50/50 mix per sequence (a model that is to see diffu-GRPO's masked "
+                         "prompts must have seen masked prompts); the held-out loss is always the SFT one")
     ap.add_argument("--max-length", type=int, default=None, help="canvas length: prompt + answer, EOS-padded (tokens; 4096)")
     # Optimization
     ap.add_argument("--epochs", type=float, default=None, help="passes over the training set (d1: 20)")
@@ -276,16 +320,17 @@ def train_step(model, params, opt, sched, batch, noise, args, rank, world, autoc
     """One optimizer step on this rank's share of the global batch: micro-batches accumulate, gradients are
     averaged over ranks (= the mean over the global batch), clipped, applied. Returns the metrics."""
     ids, plens, idx = batch
-    t_all, u_all = noise
+    t_all, u_all, coin = noise
     per_rank = args.batch_size // world
     accum = per_rank // args.micro_batch_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     idx, t_all, u_all = idx[mine], t_all[mine], u_all[mine]
+    starts = maskable_start(plens[idx], coin[mine], args.objective)
     loss_sum = 0.0
     for m in range(accum):
         sl = slice(m * args.micro_batch_size, (m + 1) * args.micro_batch_size)
         with autocast:
-            loss = sft_loss(model, ids[idx[sl]].to(device), plens[idx[sl]].to(device), model.cfg.mask_token_id,
+            loss = sft_loss(model, ids[idx[sl]].to(device), starts[sl].to(device), model.cfg.mask_token_id,
                             t_all[sl].to(device), u_all[sl].to(device), args.eps)
         (loss / accum).backward()
         loss_sum += loss.item() / accum

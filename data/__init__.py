@@ -100,7 +100,7 @@ def countdown_row(r, style, purpose):
         prompt = user(SYSTEM_PROMPT + COUNTDOWN_INSTRUCTION.format(nums=nums, target=target))
     out = {"prompt": prompt, "question": f"Numbers: {nums}\nTarget: {target}", "nums": nums, "target": target}
     if r.get("solution"):
-        out["completion"] = _completion(r["solution"], style)
+        out["completion"] = completion_text(r["solution"], style)
     return out
 
 
@@ -110,7 +110,7 @@ def sudoku_row(r, style, purpose):
     else:
         prompt = user(SUDOKU_SYSTEM_PROMPT + f"\n\nSolve the following Sudoku puzzle: {r['puzzle']}\n")
     return {"prompt": prompt, "question": r["puzzle"], "puzzle": r["puzzle"], "solution": r["solution"],
-            "completion": _completion(r["solution"], style)}
+            "completion": completion_text(r["solution"], style)}
 
 
 def s1k_row(r, style, purpose):
@@ -120,7 +120,7 @@ def s1k_row(r, style, purpose):
             "completion": f"<reasoning>{traj}</reasoning>\n<answer>{r['attempt']}</answer>"}
 
 
-def _completion(answer, style):
+def completion_text(answer, style):
     """SFT target text for generated tasks (no reasoning trace exists for them)."""
     return f"<answer>{answer}</answer>" if style == "compact" else f"<reasoning>\n</reasoning>\n<answer>\n{answer}\n</answer>"
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# d1 on a laptop: the whole recipe with the tiny model on 4x4 Sudoku, through the real scripts, on CPU (~10 minutes).
-#   1. sft.py        masked SFT on a small FIXED set of labelled puzzles (64 puzzles) for SFT_STEPS steps; it exports
-#                    the weights of its best validation loss (--keep-best; validation puzzles use grids no labelled
-#                    puzzle uses). No early stopping: the tiny model's loss sits on a plateau (~0.55, digits learned,
-#                    given cells not yet copied) for a time that depends on float rounding, so a patience rule can
-#                    stop there on one CPU and not on another
-#   2. diffu_grpo.py torchrun, 2 processes (gloo): RL from that checkpoint on FRESH puzzles (--data-seed), reward only
+# d1 on a laptop: the whole recipe with the tiny model on 4x4 Sudoku, through the real scripts, on CPU (~8 minutes
+# on 2 cores), with d1's own diffu-GRPO knobs (random prompt masking p_mask 0.15, mu 2 inner updates, beta 0.04).
+#   1. sft.py        masked SFT on a small FIXED set of labelled puzzles (64 puzzles) for SFT_STEPS steps, with
+#                    --objective mix: half the sequences get LLaDA's SFT objective (answer masked), half its
+#                    pre-training objective (every token maskable), so a partly masked prompt, which diffu-GRPO's
+#                    p_mask shows the model, is in distribution. It exports the weights of its best validation loss
+#                    (--keep-best; validation puzzles use grids no labelled puzzle uses). No early stopping: the tiny
+#                    model's loss sits on a plateau (~0.55, digits learned, given cells not yet copied) for a time that
+#                    depends on float rounding, so a patience rule can stop there on one CPU and not on another
+#   2. diffu_grpo.py torchrun, 2 processes (gloo): RL from that checkpoint on FRESH puzzles (--data-seed), reward only,
+#                    d1's p_mask 0.15, mu 2 and beta 0.04
 #   3. sft.py        the control: the same SFT continued on the same labelled set for about RL's wall-clock
 #   4. eval.py       all three on held-out puzzles whose solution grids were never seen in training: greedy (solve
 #                    rate, cell accuracy, given cells copied as a health check) and sampled the way RL rolls out
@@ -18,10 +22,7 @@
 #  - puzzles with 3-6 blanks (--blanks 3 6): with d1-sized 6-10 blanks every tiny model solves 0-2% of puzzles;
 #  - one-step generation (--steps 1 over the whole answer) for rollouts AND evaluation: there the one-step
 #    log-prob estimator IS the sampler's likelihood, so RL optimises exactly the policy that is scored;
-#  - --p-mask-prompt 0: the tiny model's SFT never masks the prompt (LLaDA's SFT objective masks only the answer),
-#    so a masked prompt is out of distribution for it (d1's 0.15 gave gradient norms ~30 and a collapse);
-#  - full fine-tuning (no LoRA), lr 3e-4 (5e-4 and 1e-3 collapsed), beta 0 and mu 1: fresh puzzles cost nothing
-#    here, so each is used once.
+#  - full fine-tuning (no LoRA), RL lr 3e-4 (5e-4 and 1e-3 collapsed in earlier designs).
 set -e
 cd "$(dirname "$0")/.."
 source runs/setup.sh
@@ -29,9 +30,9 @@ export TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/tiny_sudoku}
 SEED=${SEED:-0}
 SFT_N=${SFT_N:-64}             # the fixed labelled set
-SFT_STEPS=${SFT_STEPS:-600}
-RL_BATCHES=${RL_BATCHES:-180}  # rollout batches of 2 ranks x 8 prompts x G=8 (mu = 1: one optimizer step each)
-CONT_STEPS=${CONT_STEPS:-950}  # SFT-continued steps (about the RL stage's wall-clock on a 2-core CPU; see timings)
+SFT_STEPS=${SFT_STEPS:-400}
+RL_BATCHES=${RL_BATCHES:-40}   # rollout batches of 2 ranks x 8 prompts x G=8, each used for mu = 2 optimizer steps
+CONT_STEPS=${CONT_STEPS:-450}  # SFT-continued steps (about the RL stage's wall-clock on a 2-core CPU; see timings)
 EVAL_N=${EVAL_N:-512}
 PY=${PYTHON:-python3}
 mkdir -p $OUT
@@ -44,15 +45,15 @@ echo "== 1. SFT on $SFT_N labelled puzzles"
 t0=$SECONDS
 $PY sft.py --model tiny $TASK --max-length 86 --train-n $SFT_N --eval-n 64 \
   --batch-size 32 --micro-batch-size 32 --max-steps $SFT_STEPS --lr 3e-3 --warmup-steps 50 --eval-every 50 \
-  --keep-best --eps 0.2 --seed $SEED --out-dir $OUT/sft
+  --keep-best --eps 0.2 --objective mix --seed $SEED --out-dir $OUT/sft
 t_sft=$((SECONDS - t0))
 
 echo "== 2. diffu-GRPO from the SFT model, 2 processes, fresh puzzles, reward only"
 t0=$SECONDS
 OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29533} diffu_grpo.py \
   --model $OUT/sft/final $TASK --data-seed $((SEED + 1)) $ONE_STEP --temperature 1.0 --lora-r 0 \
-  --beta 0 --p-mask-prompt 0 --num-generations 8 --prompts-per-step 8 --num-iterations 1 --lr 3e-4 \
-  --max-grad-norm 1.0 --weight-decay 0 --micro-batch-size 64 --max-steps $RL_BATCHES --seed $SEED \
+  --beta 0.04 --p-mask-prompt 0.15 --num-iterations 2 --num-generations 8 --prompts-per-step 8 --lr 3e-4 \
+  --max-grad-norm 1.0 --weight-decay 0 --micro-batch-size 64 --max-steps $((RL_BATCHES * 2)) --seed $SEED \
   --sample-every 0 --out-dir $OUT/grpo
 t_rl=$((SECONDS - t0))
 
@@ -60,7 +61,7 @@ echo "== 3. control: SFT continued on the same labelled set"
 t0=$SECONDS
 $PY sft.py --model $OUT/sft/final $TASK --max-length 86 --train-n $SFT_N --eval-n 64 \
   --batch-size 32 --micro-batch-size 32 --max-steps $CONT_STEPS --lr 3e-4 --lr-schedule constant --warmup-steps 0 \
-  --eval-every 0 --eps 0.2 --seed $((SEED + 1)) --lora-r 0 --out-dir $OUT/sft_cont
+  --eval-every 0 --eps 0.2 --objective mix --seed $((SEED + 1)) --lora-r 0 --out-dir $OUT/sft_cont
 t_cont=$((SECONDS - t0))
 
 echo "== 4. held-out evaluation (greedy, then sampled as in the rollouts)"

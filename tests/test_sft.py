@@ -168,3 +168,52 @@ def test_sudoku_validation_puzzles_avoid_test_grids_and_labelled_grids():
     rows, held = sft.load_data(sft.get_args(TINY_SFT + ["--train-n", "5000"]))
     assert len(set(rows["solution"])) == len(train_grids) and len(held) == 16
     assert not set(held["puzzle"]) & set(rows["puzzle"]) and not set(held["solution"]) & set(test_grids)
+
+
+def test_pretraining_objective_masks_the_prompt_too_and_normalises_by_the_whole_length(tiny):
+    # LLaDA's pre-training objective (llada.md): every token maskable, sum of CE / p over masked positions, divided
+    # by the sequence length. sft_loss gives it when the maskable part starts at 0.
+    mask_id, eos = tiny.cfg.mask_token_id, tiny.cfg.eos_token_id
+    ids = torch.tensor([[10, 11, 12, 20, 21, eos, eos, eos]])
+    t, eps = torch.tensor([0.4]), 1e-3
+    u = torch.rand(1, 8, generator=torch.Generator().manual_seed(1))
+    u[0, 0] = 0.0  # a prompt position: masked under pre-training
+    got = sft.sft_loss(tiny, ids, torch.tensor([0]), mask_id, t, u, eps=eps)
+    p = (1 - eps) * 0.4 + eps
+    masked = [i for i in range(8) if u[0, i] < p]
+    assert 0 in masked
+    noisy = ids[0].clone()
+    noisy[masked] = mask_id
+    logp = F.log_softmax(tiny(noisy[None])[0], -1)
+    want = sum(-logp[i, ids[0, i]].item() / p for i in masked) / 8
+    torch.testing.assert_close(got.item(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_objective_mix_gives_each_sequence_one_of_llada_s_two_objectives():
+    plens = torch.tensor([5, 6, 7, 8])
+    coin = torch.tensor([0.1, 0.9, 0.4, 0.6])
+    assert sft.maskable_start(plens, coin, "sft").tolist() == [5, 6, 7, 8]
+    assert sft.maskable_start(plens, coin, "pretrain").tolist() == [0, 0, 0, 0]
+    assert sft.maskable_start(plens, coin, "mix").tolist() == [0, 6, 0, 8]
+    # the coins come from the step's seeded noise: about half of a large batch each way, the same on every call
+    _, _, c = sft.noise_for(3, 0, 4000, 8)
+    assert 0.45 < (c < 0.5).float().mean().item() < 0.55
+    assert torch.equal(c, sft.noise_for(3, 0, 4000, 8)[2])
+
+
+def test_random_fill_answers_keep_the_givens_and_say_nothing_of_the_solution():
+    args = sft.get_args(TINY_SFT + ["--train-n", "400", "--sudoku-answers", "random"])
+    rows, held = sft.load_data(args)
+    right = blanks = 0
+    for r in list(rows) + list(held):
+        grid = r["completion"][len("<answer>"):-len("</answer>")]
+        assert r["completion"] == f"<answer>{grid}</answer>" and len(grid) == 16 and set(grid) <= set("1234")
+        for g, p, s in zip(grid, r["puzzle"], r["solution"]):
+            if p != "0":
+                assert g == p  # the given cells are copied
+            else:
+                blanks, right = blanks + 1, right + (g == s)
+    assert 0.2 < right / blanks < 0.3  # blanks are right by chance only (1 in 4)
+    with pytest.raises(ValueError, match="--task sudoku"):
+        sft.load_data(sft.get_args(["--model", "tiny", "--task", "countdown", "--train-n", "8",
+                                    "--sudoku-answers", "random"]))
