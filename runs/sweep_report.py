@@ -13,7 +13,14 @@ import statistics
 import sys
 
 MODELS = [("sft", "SFT"), ("sft_cont", "SFT continued (control)"), ("grpo", "SFT + diffu-GRPO")]
-METRICS = [("solved", "solved %"), ("accuracy", "cells %"), ("given", "given cells copied %")]
+METRICS = [("solved", "solved %"), ("accuracy", "cells %"), ("given", "given cells copied %"),
+           ("sampled_reward", "reward sampled as in RL, %")]
+# (key, label, metric, the model RL is compared with): solved is the goal; cells is d1's own Sudoku score; the
+# sampled reward is what diffu-GRPO optimises (its rollouts sample at temperature 1)
+DIFFS = [("rl_minus_sft", "RL - SFT, solved", "solved", "sft"),
+         ("rl_minus_control", "RL - control, solved", "solved", "sft_cont"),
+         ("rl_minus_sft_cells", "RL - SFT, cells", "accuracy", "sft"),
+         ("rl_minus_sft_sampled_reward", "RL - SFT, sampled reward", "sampled_reward", "sft")]
 
 
 def stats(xs):
@@ -39,15 +46,15 @@ def main(root):
                      f"{100 * (r['grpo']['solved'] - r['sft_cont']['solved']):+.1f} |")
     summary = {}
     lines += ["", "Over all runs (mean +- standard deviation [min, max]):", "",
-              "| model | " + " | ".join(m for _, m in METRICS) + " |", "|---|---|---|---|"]
+              "| model | " + " | ".join(m for _, m in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for key, label in MODELS:
         summary[key] = {m: stats([100 * r[key].get(m, float("nan")) for r in runs.values()]) for m, _ in METRICS}
         lines.append(f"| {label} | " + " | ".join(
             f"{s['mean']:.1f} +- {s['std']:.1f} [{s['min']:.1f}, {s['max']:.1f}]"
             for s in (summary[key][m] for m, _ in METRICS)) + " |")
-    lines += ["", "| difference, solved points | mean | std | worst run | best run | runs > 0 |", "|---|---|---|---|---|---|"]
-    for key, label, other in [("rl_minus_sft", "RL - SFT", "sft"), ("rl_minus_control", "RL - control", "sft_cont")]:
-        d = [100 * (r["grpo"]["solved"] - r[other]["solved"]) for r in runs.values()]
+    lines += ["", "| difference, points | mean | std | worst run | best run | runs > 0 |", "|---|---|---|---|---|---|"]
+    for key, label, metric, other in DIFFS:
+        d = [100 * (r["grpo"][metric] - r[other][metric]) for r in runs.values()]
         summary[key] = {**stats(d), "positive": sum(x > 0 for x in d), "n": len(d)}
         s = summary[key]
         lines.append(f"| {label} | {s['mean']:+.1f} | {s['std']:.1f} | {s['min']:+.1f} | {s['max']:+.1f} | "
