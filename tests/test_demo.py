@@ -19,7 +19,7 @@ def test_tiny_sudoku_demo_runs_every_stage_and_reports_what_the_evaluations_meas
     env = {**os.environ, "OUT": str(tmp_path), "CONT_STEPS": "20", "EVAL_N": "256",
            "PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(["bash", os.path.join(ROOT, "runs", "tiny_sudoku.sh")], env=env, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     results = json.loads((tmp_path / "results.json").read_text())
