@@ -21,8 +21,9 @@ for kernel in $KERNELS; do
     if [ -f $run/results.json ]; then echo "== $run: done"; continue; fi
     echo "== $run"
     rm -rf $run  # a run that did not finish starts over (its logs append)
-    if [ "$kernel" = native ]; then cap=""; else cap=$kernel; fi
-    if ! env ${cap:+ATEN_CPU_CAPABILITY=$cap} OUT=$run SEED=$seed PORT=$((29600 + ${#kernel} * 100 + seed % 100)) bash runs/tiny_sudoku.sh \
+    port=$((29600 + seed % 100))  # native: 296xx, any other setting: 297xx
+    if [ "$kernel" = native ]; then cap=""; else cap=$kernel; port=$((port + 100)); fi
+    if ! env ${cap:+ATEN_CPU_CAPABILITY=$cap} OUT=$run SEED=$seed PORT=$port bash runs/tiny_sudoku.sh \
         > $ROOT/$kernel-seed$seed.log 2>&1; then
       echo "== $run FAILED (see $ROOT/$kernel-seed$seed.log); the sweep goes on"
     fi
