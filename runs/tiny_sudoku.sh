@@ -5,9 +5,9 @@
 #                    --objective mix: half the sequences get LLaDA's SFT objective (answer masked), half its
 #                    pre-training objective (every token maskable), so a partly masked prompt, which diffu-GRPO's
 #                    p_mask shows the model, is in distribution. It exports the weights of its best validation loss
-#                    (--keep-best; validation puzzles use grids no labelled puzzle uses). No early stopping: the tiny
-#                    model's loss sits on a plateau (~0.55, digits learned, given cells not yet copied) for a time that
-#                    depends on float rounding, so a patience rule can stop there on one CPU and not on another
+#                    (--keep-best; validation puzzles use grids no labelled puzzle uses). The tiny model starts from
+#                    fan-in init (model.py: init_weights): with a fixed 0.02 it sat on a loss plateau (~0.55, digits
+#                    learned, given cells not yet copied) until a step that depended on the CPU's float rounding
 #   2. diffu_grpo.py torchrun, 2 processes (gloo): RL from that checkpoint on FRESH puzzles (--data-seed), reward only,
 #                    d1's p_mask 0.15, mu 2 and beta 0.04
 #   3. sft.py        the control: the same SFT continued on the same labelled set for about RL's wall-clock

@@ -271,8 +271,8 @@ def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monk
     patterns, p_mask 0.15, beta 0.04 with the k3 KL): from a random tiny model, a reward that pays for the digit '7'.
     Measured without sampling noise: with one-step decoding the policy draws each completion position from the
     fully masked marginals, so its expected reward is the mean probability of '7' there. Checked over seeds 0-2 with
-    native and portable (ATEN_CPU_CAPABILITY=default) kernels: 0.007 -> 0.19 at worst, 0.43-0.46 typically; the
-    assertion asks for a tenth of the worst gain. (Whether RL beats SFT on Sudoku is a question for the sweep,
+    native and portable (ATEN_CPU_CAPABILITY=default) kernels: from 0.001-0.013 to 0.20-0.64 (worst gain +0.20);
+    the assertion asks for a tenth of the worst gain. (Whether RL beats SFT on Sudoku is a question for the sweep,
     runs/tiny_sudoku_sweep.sh, not for a test: at this scale its answer depends on the CPU.)"""
     tok = M.tiny_tokenizer()
     seven = tok.convert_tokens_to_ids("7")
