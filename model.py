@@ -241,7 +241,8 @@ class LLaDA(nn.Module):
         if `std` is given. Why fan-in and not a fixed 0.02: at the tiny width (128) 0.02 is 4x below the fan-in scale,
         the attention logits start near 0 (~0.05), and the tiny Sudoku model then sat on a loss plateau (digits
         learned, given cells not yet copied) for 250 to 400+ steps, exiting at a step that changed with the CPU's
-        float rounding. With fan-in init the same runs left it by step 50-75 (docs/tiny_sudoku_history.md)."""
+        float rounding. With fan-in init the same runs left it by step 50-75 (docs/tiny_sudoku_rl_probes.md, 4).
+        """
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)

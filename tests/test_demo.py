@@ -13,9 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_tiny_sudoku_demo_runs_every_stage_and_reports_what_the_evaluations_measured(tmp_path):
     """runs/tiny_sudoku.sh with a short SFT-continued control and 256 held-out puzzles: the full SFT stage (64
     puzzles, 400 steps of the mixed objective, best validation step kept), all 40 rollout batches of 2-process
-    diffu-GRPO with d1's knobs (p_mask 0.15, mu 2, beta 0.04), and the evaluations. Every stage runs and the
-    report's numbers are the evaluations' numbers. It asserts no learning outcome: at this scale whether RL beats SFT depends on float rounding (the sweep, runs/tiny_sudoku_sweep.sh, measures
-    the spread), and a test must give the same answer on any CPU."""
+    diffu-GRPO with d1's knobs (p_mask 0.15, mu 2, beta 0.04), and the evaluations. Every stage runs, the report's
+    numbers are the evaluations' numbers, and SFT has learned, by margins the sweep (runs/tiny_sudoku_sweep.sh,
+    seeds 0-4 x native and portable kernels) shows on every run: every model copies >= 97% of the given cells (the
+    test asks 90%) and SFT solves >= 31% of held-out puzzles (the test asks 10%). Whether RL beats SFT is the sweep's
+    question, not this test's: its worst run gains only +2 solve points, within this test's sampling noise."""
     env = {**os.environ, "OUT": str(tmp_path), "CONT_STEPS": "20", "EVAL_N": "256",
            "PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(["bash", os.path.join(ROOT, "runs", "tiny_sudoku.sh")], env=env, capture_output=True, text=True,
@@ -38,5 +40,6 @@ def test_tiny_sudoku_demo_runs_every_stage_and_reports_what_the_evaluations_meas
     best = min(evals, key=lambda m: m["eval_loss"])
     assert max(m["step"] for m in log) == 400
     assert f"kept step {best['step']}'s weights" in report
-    for key in results:  # the health check: given cells copied, a fraction like the others
-        assert 0.0 <= results[key]["given"] <= 1.0 and 0.0 <= results[key]["solved"] <= results[key]["accuracy"] + 1e-9
+    for key in results:  # the health check: every model copies the given cells (a fraction, like the others)
+        assert 0.9 <= results[key]["given"] <= 1.0 and 0.0 <= results[key]["solved"] <= results[key]["accuracy"] + 1e-9
+    assert results["sft"]["solved"] >= 0.10, results["sft"]  # far above chance (~0.2% with 3-6 blanks)

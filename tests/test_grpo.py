@@ -273,7 +273,7 @@ def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monk
     fully masked marginals, so its expected reward is the mean probability of '7' there. Checked over seeds 0-2 with
     native and portable (ATEN_CPU_CAPABILITY=default) kernels: from 0.001-0.013 to 0.20-0.64 (worst gain +0.20);
     the assertion asks for a tenth of the worst gain. (Whether RL beats SFT on Sudoku is a question for the sweep,
-    runs/tiny_sudoku_sweep.sh, not for a test: at this scale its answer depends on the CPU.)"""
+    runs/tiny_sudoku_sweep.sh, not for a test: its margin in the worst run is within a short test's noise.)"""
     tok = M.tiny_tokenizer()
     seven = tok.convert_tokens_to_ids("7")
     monkeypatch.setitem(D.REWARDS, "sudoku", [(lambda prompts, completions, **kw:
