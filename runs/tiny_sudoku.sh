@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# d1 on a laptop: the whole recipe with the tiny model on 4x4 Sudoku, through the real scripts, on CPU (~8 minutes
+# d1 on a laptop: the whole recipe with the tiny model on 4x4 Sudoku, through the real scripts, on CPU (~6-7 minutes
 # on 2 cores), with d1's own diffu-GRPO knobs (random prompt masking p_mask 0.15, mu 2 inner updates, beta 0.04).
 #   1. sft.py        masked SFT on a small FIXED set of labelled puzzles (64 puzzles) for SFT_STEPS steps, with
 #                    --objective mix: half the sequences get LLaDA's SFT objective (answer masked), half its

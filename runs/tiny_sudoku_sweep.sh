@@ -4,7 +4,7 @@
 #   native   this machine's vector kernels
 #   default  ATEN_CPU_CAPABILITY=default, PyTorch's portable kernels: they round like another CPU would (the thread
 #            count alone does not change results here)
-# A run whose results.json exists is skipped, so an interrupted sweep resumes. About 8 minutes per run on 2 cores.
+# A run whose results.json exists is skipped, so an interrupted sweep resumes. About 6-9 minutes per run on 2 cores.
 # Each (kernel, seed) run has its own port, so two sweeps (one per kernel setting) can run side by side.
 #   bash runs/tiny_sudoku_sweep.sh                       # 5 seeds x 2 kernels
 #   SEEDS="0 1" KERNELS=native bash runs/tiny_sudoku_sweep.sh

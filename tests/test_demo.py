@@ -15,9 +15,9 @@ def test_tiny_sudoku_demo_runs_every_stage_and_reports_what_the_evaluations_meas
     puzzles, 400 steps of the mixed objective, best validation step kept), all 40 rollout batches of 2-process
     diffu-GRPO with d1's knobs (p_mask 0.15, mu 2, beta 0.04), and the evaluations. Every stage runs, the report's
     numbers are the evaluations' numbers, and SFT has learned, by margins the sweep (runs/tiny_sudoku_sweep.sh,
-    seeds 0-4 x native and portable kernels) shows on every run: every model copies >= 97% of the given cells (the
-    test asks 90%) and SFT solves >= 31% of held-out puzzles (the test asks 10%). Whether RL beats SFT is the sweep's
-    question, not this test's: its worst run gains only +2 solve points, within this test's sampling noise."""
+    seeds 0-4 x native and portable kernels) shows on every run: every model copies >= 96% of the given cells (the
+    test asks 90%) and SFT solves >= 24% of held-out puzzles (the test asks 10%). Whether RL beats SFT is the sweep's
+    question, not this test's: its worst run gains +1 solve point, within this test's sampling noise."""
     env = {**os.environ, "OUT": str(tmp_path), "CONT_STEPS": "20", "EVAL_N": "256",
            "PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(["bash", os.path.join(ROOT, "runs", "tiny_sudoku.sh")], env=env, capture_output=True, text=True,
