@@ -29,26 +29,21 @@ def stats(xs):
 
 
 def sft_table(root, runs):
-    """Per run: the SFT step whose weights were kept, SFT's validation loss at every evaluation (sft/metrics.jsonl),
-    and the stages' wall-clock (timings.json). Runs without those files are left out."""
-    lines = ["", "SFT per run: the step whose weights were kept, the validation loss at each evaluation, and the "
-             "wall-clock in seconds (SFT / RL / control / whole demo with evaluations):", "",
-             "| run | kept step | validation loss | seconds |", "|---|---|---|---|"]
-    rows = 0
-    for name in runs:
-        log, timings = os.path.join(root, name, "sft", "metrics.jsonl"), os.path.join(root, name, "timings.json")
-        if not (os.path.exists(log) and os.path.exists(timings)):
+    """Per run: the SFT step whose weights were kept and SFT's validation loss at every evaluation (results.json, from
+    runs/tiny_report.py), and the stages' wall-clock (timings.json). Runs without them are left out."""
+    rows = []
+    for name, r in runs.items():
+        timings = os.path.join(root, name, "timings.json")
+        if "kept_step" not in r["sft"] or not os.path.exists(timings):
             continue
-        with open(log) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
         with open(timings) as f:
             t = json.load(f)
-        kept = min(evals, key=lambda e: e[1])[0]  # --keep-best exports the step of the lowest validation loss
-        lines.append(f"| {name} | {kept} | " + ", ".join(f"{loss:.3f}" for _, loss in evals) +
-                     f" | {t['sft']} / {t['grpo']} / {t['sft_cont']} / {t['total']} |")
-        rows += 1
-    return lines if rows else []
+        rows.append(f"| {name} | {r['sft']['kept_step']} | " +
+                    ", ".join(f"{loss:.3f}" for loss in r["sft"]["validation_loss"].values()) +
+                    f" | {t['sft']} / {t['grpo']} / {t['sft_cont']} / {t['total']} |")
+    return ["", "SFT per run: the step whose weights were kept, the validation loss at each evaluation, and the "
+            "wall-clock in seconds (SFT / RL / control / whole demo with evaluations):", "",
+            "| run | kept step | validation loss | seconds |", "|---|---|---|---|"] + rows if rows else []
 
 
 def main(root):

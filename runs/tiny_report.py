@@ -77,7 +77,10 @@ def main(out):
     with open(os.path.join(out, "sft", "final", "meta.json")) as f:
         sft_meta = json.load(f)
     curve = ", ".join(f"{m['eval_loss']:.3f}" for m in sft_log)
-    header += (f"\n\nSFT ran {sft_log[-1]['step']} steps and kept step {sft_meta.get('best_step', sft_log[-1]['step'])}"
+    # SFT's curve and kept step go into results.json too, for runs/sweep_report.py
+    results["sft"]["kept_step"] = sft_meta.get("best_step", sft_log[-1]["step"])
+    results["sft"]["validation_loss"] = {m["step"]: m["eval_loss"] for m in sft_log}
+    header += (f"\n\nSFT ran {sft_log[-1]['step']} steps and kept step {results['sft']['kept_step']}"
                f"'s weights; its validation loss (puzzles on training grids the labelled set does not use) at steps "
                f"{', '.join(str(m['step']) for m in sft_log)}: {curve}.")
     grpo = read_jsonl(os.path.join(out, "grpo", "metrics.jsonl"))

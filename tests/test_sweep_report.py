@@ -35,13 +35,12 @@ def test_sweep_report_gives_mean_spread_worst_run_and_count_of_wins(tmp_path):
 def test_sweep_report_lists_each_runs_sft_curve_kept_step_and_timings(tmp_path):
     write_run(tmp_path, "native-seed0", (0.02, 0.40, 0.9, 0.30), (0.05, 0.45, 0.9, 0.40), (0.04, 0.50, 0.8, 0.45))
     write_run(tmp_path, "native-seed1", (0.02, 0.40, 0.9, 0.30), (0.05, 0.45, 0.9, 0.40), (0.04, 0.50, 0.8, 0.45))
-    os.makedirs(tmp_path / "native-seed0" / "sft")
-    (tmp_path / "native-seed0" / "sft" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"step": 0, "eval_loss": 5.0}, {"step": 25, "loss": 1.0}, {"step": 50, "eval_loss": 0.4},
-        {"step": 100, "eval_loss": 0.45}]) + "\n")
+    results = json.loads((tmp_path / "native-seed0" / "results.json").read_text())
+    results["sft"].update(kept_step=50, validation_loss={"0": 5.0, "50": 0.4, "100": 0.45})  # as tiny_report.py writes
+    (tmp_path / "native-seed0" / "results.json").write_text(json.dumps(results))
     (tmp_path / "native-seed0" / "timings.json").write_text(json.dumps(
         {"sft": 100, "grpo": 120, "sft_cont": 110, "total": 400}))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "runs", "sweep_report.py"), str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     assert "| native-seed0 | 50 | 5.000, 0.400, 0.450 | 100 / 120 / 110 / 400 |" in out
-    assert "| native-seed1 | 50" not in out  # no SFT log: left out of that table, kept in the others
+    assert "| native-seed1 | 50" not in out  # no SFT curve: left out of that table, kept in the others
