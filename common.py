@@ -3,7 +3,9 @@ Plumbing shared by every script, written once: model/device flags, torchrun init
 atomic checkpoint directories and JSONL logs. Nothing here is specific to diffusion or to d1.
 """
 
+import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -13,21 +15,159 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import model as M
+
+# -----------------------------------------------------------------------------
+# Configs and the command line. Each trainer's recipe is a frozen dataclass whose defaults are d1's values; every
+# field is also a flag (option() below), so the class IS the --help. Presets (the tiny laptop recipe, d1's per-task
+# values) are tables of overrides, applied under what the user typed: a flag given on the command line always wins.
+
+GROUPS = ("model", "data", "d1's algorithm", "sampling (rollouts)", "optimisation", "run and checkpoints",
+          "debugging probes")
+
+
+def option(default, help, group, **argparse_kw):
+    """A config field that is also a flag: its d1 default, its --help text and its group in --help. argparse_kw:
+    type (needed when the default is None), choices, nargs, metavar, aliases (other flag names)."""
+    assert group in GROUPS, group
+    return dataclasses.field(default=default, metadata=dict(help=help, group=group, kw=argparse_kw))
+
+
+# The knobs both trainers have, described once: option(default, *SHARED[name]) in each config class.
+SHARED = {
+    "model": ("'tiny' (a random CPU-sized model, character tokenizer), a local checkpoint directory in the official "
+              "layout (an export of sft.py or diffu_grpo.py included), or a hub id", "model"),
+    "preset": ("which preset fills the flags you do not give: auto = tiny for --model tiny and for exports of tiny "
+               "runs, d1 otherwise", "model", dict(choices=["auto", "d1", "tiny"])),
+    "adapter": ("a LoRA adapter (directory or .safetensors) applied on top of --model", "model", dict(type=str)),
+    "dtype": ("weight dtype; auto = bfloat16 on GPU, float32 on CPU", "model",
+              dict(choices=["auto", "float32", "bfloat16"])),
+    "device": ("auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, ...", "model"),
+    "lora_r": ("LoRA rank; 0 = full fine-tuning", "model"),
+    "lora_alpha": ("LoRA alpha: the update is scaled by alpha / r", "model"),
+    "lora_dropout": ("dropout on the LoRA input", "model"),
+    "lora_targets": ("modules to adapt: a comma-separated list, 'd1' = " + ",".join(M.LORA_TARGETS) + " (what d1's "
+                     "PEFT config matched in LLaDA) or 'wide' = " + ",".join(M.LORA_TARGETS_WIDE), "model"),
+    "grad_ckpt": ("gradient checkpointing: recompute each block in the backward pass (less memory, more compute)",
+                  "model"),
+    "force": ("run even if the memory plan exceeds the GPU's memory", "model"),
+    "prompt_style": ("d1's exact prompts, or compact ones (a character-level tiny model cannot afford d1's long "
+                     "prompts)", "data", dict(choices=["d1", "compact"])),
+    "data_path": ("a local dataset file or directory instead of the hub ('generate': this project's generator, "
+                  "Sudoku and Countdown)", "data", dict(type=str)),
+    "train_n": ("use only the first N training rows (generated tasks: generate N)", "data", dict(type=int)),
+    "blanks": ("generated Sudoku: blank cells per puzzle, uniform in [MIN, MAX] (a puzzle is solved only if every "
+               "blank is right)", "data", dict(metavar=("MIN", "MAX"))),
+    "lr": ("peak learning rate", "optimisation"),
+    "lr_schedule": ("decay after the warmup", "optimisation", dict(choices=["constant", "linear", "cosine"])),
+    "warmup_steps": ("linear warmup, in optimizer steps", "optimisation"),
+    "adam_betas": ("AdamW betas", "optimisation"),
+    "weight_decay": ("AdamW weight decay", "optimisation"),
+    "max_grad_norm": ("gradient clipping norm", "optimisation"),
+    "seed": ("seed of everything random: init (tiny), data order, noise, rollouts", "optimisation"),
+    "out_dir": ("metrics.jsonl, checkpoint/ and the final export go here", "run and checkpoints"),
+    "save_every": ("write a resumable checkpoint every N optimizer steps (0 = never)", "run and checkpoints"),
+    "resume": ("continue from OUT_DIR/checkpoint", "run and checkpoints"),
+    "halt_after": ("stop after this optimizer step as if interrupted (checkpoint, no export); continue with "
+                   "--resume", "run and checkpoints", dict(type=int)),
+    "export": ("how OUT_DIR/final is written for a LoRA run. exact: base weights + adapter.safetensors, loaded back "
+               "as the trained policy; merged: W + BA folded in fp32 under the official keys (2x the size of bf16)",
+               "run and checkpoints", dict(choices=["exact", "merged"])),
+    "no_export": ("skip the final export", "run and checkpoints"),
+}
+
+
+def shared(name, default):
+    """option() for a knob described in SHARED."""
+    help, group, *kw = SHARED[name]
+    return option(default, help, group, **(kw[0] if kw else {}))
+
+
+def _show(v):
+    return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def build_parser(cls, description, presets):
+    """An argparse parser generated from a config dataclass: one flag per field, in GROUPS, each help line ending
+    with its default and, where a preset changes it, the preset's value. Flags the user does not give are absent
+    from the parsed namespace (SUPPRESS), so parse_config can tell typed values from defaults."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 argument_default=argparse.SUPPRESS)
+    groups = {g: ap.add_argument_group(g) for g in GROUPS}
+    for f in dataclasses.fields(cls):
+        kw, d = dict(f.metadata["kw"]), f.default
+        names = ["--" + f.name.replace("_", "-")] + list(kw.pop("aliases", ()))
+        if isinstance(d, bool):
+            kw["action"] = argparse.BooleanOptionalAction if d or any(f.name in p for p in presets.values()) \
+                else "store_true"
+        elif isinstance(d, tuple):
+            kw.update(nargs=len(d), type=type(d[0]))
+        elif d is not None:
+            kw.setdefault("type", type(d))
+        note = [f"default: {_show(d)}"] if d is not None and not isinstance(d, bool) or d is True else []
+        note += [f"{name}: {_show(p[f.name])}" for name, p in presets.items() if f.name in p and p[f.name] != d]
+        help = f.metadata["help"] + (f" ({'; '.join(note)})" if note else "")
+        groups[f.metadata["group"]].add_argument(*names, dest=f.name, help=help.replace("%", "%%"), **kw)
+    for g in groups.values():  # no empty headings
+        if not g._group_actions:
+            ap._action_groups.remove(g)
+    return ap
+
+
+def parse_config(cls, argv, description, presets, choose):
+    """(config, names of the presets applied). choose(typed) -> preset names, given the flags the user typed;
+    the presets' values go under the typed ones, the dataclass defaults under both. A config check that fails
+    (the class's check(typed), which returns the config, completed where a default must adapt to a typed value)
+    is a usage error: one line and exit status 2, like argparse's own."""
+    ap = build_parser(cls, description, presets)
+    typed = vars(ap.parse_args(argv))
+    names = choose(typed)
+    values = {}
+    for name in names:
+        values.update(presets[name])
+    values.update(typed)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    cfg = cls(**values)
+    try:
+        cfg = cfg.check(typed)
+    except ValueError as e:
+        ap.error(str(e))
+    return cfg, names
+
+
+def model_scale(name, preset="auto"):
+    """'tiny' or 'd1': which recipe --model calls for. An export remembers the preset it was trained under
+    (meta.json), so the SFT model of a tiny run gets the tiny RL recipe."""
+    if preset != "auto":
+        return preset
+    if name == "tiny":
+        return "tiny"
+    meta = os.path.join(name, "meta.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            return "tiny" if json.load(f).get("args", {}).get("preset") == "tiny" else "d1"
+    return "d1"
+
+
+def add_model_args(ap, default_model="tiny"):
+    """The model flags of the scripts that do not train (sample.py, eval.py), with the same meaning as the
+    trainers'."""
+    g = ap.add_argument_group("model")
+    for name, default in (("model", default_model), ("dtype", "auto"), ("device", "auto"), ("adapter", None)):
+        help, _, *kw = SHARED[name]
+        g.add_argument("--" + name, default=default, help=help + ("" if default is None else f" (default: {default})"),
+                       **(kw[0] if kw else {}))
+
 
 # -----------------------------------------------------------------------------
 # Model, device and dtype
 
 
-def add_model_args(ap, default_model="tiny"):
-    ap.add_argument("--model", default=default_model,
-                    help=f"'tiny' (random CPU-sized model, char tokenizer), a local checkpoint directory in the official "
-                         f"layout, or a hub id such as {M.LLADA_HUB_ID} (default: {default_model})")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="weight dtype; auto = bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, ...")
-    ap.add_argument("--adapter", default=None, help="a LoRA adapter (directory or .safetensors) to apply on top")
+def lora_targets(spec):
+    """--lora-targets: 'd1', 'wide' or a comma-separated list of module names -> a tuple of names."""
+    return {"d1": M.LORA_TARGETS, "wide": M.LORA_TARGETS_WIDE}.get(spec) or tuple(spec.split(","))
 
 
 def resolve_device(spec="auto", local_rank=0):
@@ -288,15 +428,6 @@ def load_checkpoint(path, model, optimizer, scheduler):
         return json.load(f)
 
 
-def add_export_args(ap):
-    ap.add_argument("--export", default="exact", choices=["exact", "merged"],
-                    help="how OUT_DIR/final is written for a LoRA run. exact: base weights + adapter.safetensors; "
-                         "model.py applies the adapter at load, so the loaded model IS the trained policy. merged: "
-                         "W + BA merged in fp32 and saved in fp32 under the official keys (for the official code; 2x "
-                         "the size of bf16 weights, and loading it back in bf16 rounds a small update away)")
-    ap.add_argument("--no-export", action="store_true", help="skip the final export")
-
-
 def export_model(path, model, tokenizer, meta=None, mode="exact"):
     """The final model in the official layout. The contract: `--model PATH` loads the policy that was trained.
     mode 'exact' keeps any LoRA adapter beside the base weights (model.load_model applies it); 'merged' folds it in
@@ -325,3 +456,134 @@ def assert_ranks_in_sync(params, world):
     if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
         raise RuntimeError("ranks hold different weights: distributed training is out of sync")
     return True
+
+
+# -----------------------------------------------------------------------------
+# The run: everything around a training loop that is not the algorithm
+
+
+class BestWeights:
+    """--keep-best and --patience: the best validation score so far (lower is better), its step, evaluations since
+    it improved, and (with keep) a CPU copy of the trainable weights of that evaluation. Saved in checkpoints, so it
+    survives --resume."""
+
+    def __init__(self, params, keep, patience, record=None, state=None):
+        self.params, self.keep, self.patience = params, keep, patience
+        self.record = record or {"loss": float("inf"), "step": 0, "bad": 0}
+        self.state = state
+
+    def update(self, step, loss):
+        """Record an evaluation; True when training should stop (--patience evaluations without improvement)."""
+        if loss < self.record["loss"]:
+            self.record = {"loss": loss, "step": step, "bad": 0}
+            self.state = [p.detach().to("cpu", copy=True) for p in self.params] if self.keep else None
+        else:
+            self.record["bad"] += 1
+        return bool(self.patience) and self.record["bad"] >= self.patience
+
+    @torch.no_grad()
+    def restore(self):
+        for p, b in zip(self.params, self.state):
+            p.copy_(b)
+
+
+class Run:
+    """The harness of sft.py and diffu_grpo.py: resume, the metrics log, the progress bar, resumable checkpoints,
+    --halt-after, keep-best with early stopping, and the final export. Its unit is the optimizer step in both
+    trainers; diffu-GRPO advances `stride` = mu steps per rollout batch.
+
+        run = Run(cfg, model, tok, opt, sched, params, total_steps, "sft")
+        for step in run.steps():          # the optimizer step count after this iteration
+            metrics = ...                 # the algorithm
+            if run.end_step(step, metrics):
+                break
+        run.finish()
+    """
+
+    def __init__(self, cfg, model, tok, opt, sched, params, total_steps, desc, stride=1, keep_best=False,
+                 patience=0):
+        self.cfg, self.model, self.tok, self.opt, self.sched = cfg, model, tok, opt, sched
+        self.total, self.desc, self.stride = total_steps, desc, stride
+        self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
+        meta = maybe_resume(cfg, model, opt, sched)
+        self.start = meta["step"] if meta else 0
+        extra = os.path.join(self.ckpt_dir, "extra.pt")
+        state = torch.load(extra, map_location="cpu")["best_state"] if meta and os.path.exists(extra) else None
+        self.best = BestWeights(params, keep_best, patience, meta and meta.get("early_stop"), state)
+        self.log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+        self.params, self.halted, self.stop_early, self.bar = params, False, False, None
+
+    def steps(self):
+        self.bar = tqdm(total=self.total, initial=self.start, disable=not is_main(), desc=self.desc,
+                        dynamic_ncols=True)
+        for step in range(self.start + self.stride, self.total + 1, self.stride):
+            yield step
+            self.bar.update(self.stride)
+        self.bar.close()
+
+    def every(self, step, n):
+        """True at the first step at or after each multiple of n (n = 0: never): with stride mu, a rollout batch
+        that crosses a multiple of n counts as reaching it."""
+        return bool(n) and step // n > (step - self.stride) // n
+
+    def evaluated(self, step, loss):
+        """A validation score (lower is better) for keep-best and early stopping."""
+        self.stop_early = self.best.update(step, loss)
+
+    def end_step(self, step, metrics, shown=None, lines=()):
+        """Log, print, checkpoint; True when the loop must stop (early stopping or --halt-after)."""
+        self.log.write(step=step, **metrics)
+        if is_main():
+            self.bar.write(fmt_metrics(step, metrics if shown is None else
+                                       {k: v for k, v in metrics.items() if k in shown}))
+            for line in lines:
+                self.bar.write(line)
+        if self.every(step, self.cfg.save_every):
+            best = {"best_state": self.best.state} if self.best.state is not None else None
+            save_checkpoint(self.ckpt_dir, self.model, self.tok, self.opt, self.sched,
+                            {"step": step, "args": config_dict(self.cfg), "early_stop": self.best.record, **metrics},
+                            extra=best)
+        if self.stop_early:
+            print0(f"early stop at step {step}: the validation loss has not improved for {self.best.patience} "
+                   f"evaluations; best {self.best.record['loss']:.4f} at step {self.best.record['step']}")
+            return True
+        if self.cfg.halt_after is not None and step >= self.cfg.halt_after:
+            print0(f"halting after step {step} (--halt-after)")
+            self.halted = step < self.total  # a halt at the last step is just the end
+            return True
+        return False
+
+    def finish(self, metrics=None, meta=None):
+        """Restore the kept weights, export OUT_DIR/final (not after a halt), end the distributed run. Returns the
+        metrics, with best_step and best_eval_loss when weights were kept."""
+        metrics = dict(metrics or {})
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        print0(f"ranks in sync: {assert_ranks_in_sync(self.params, world)}")
+        if self.best.state is not None and not self.halted:
+            self.best.restore()
+            print0(f"restored the weights of step {self.best.record['step']} (best validation loss "
+                   f"{self.best.record['loss']:.4f})")
+            metrics.update(best_step=self.best.record["step"], best_eval_loss=self.best.record["loss"])
+        if not self.cfg.no_export and not self.halted:
+            path = os.path.join(self.cfg.out_dir, "final")
+            export_model(path, self.model, self.tok, {"args": config_dict(self.cfg), **(meta or {}), **metrics},
+                         self.cfg.export)
+            print0(f"exported ({self.cfg.export}) to {path}")
+        compute_cleanup()
+        return metrics
+
+
+def config_dict(cfg):
+    """The config as JSON-ready values, for meta.json."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+_WARNED = set()
+
+
+def warn_once(key, message):
+    """Print a warning the first time `key` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {message}", flush=True)
+

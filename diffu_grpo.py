@@ -1,6 +1,8 @@
 """
 diffu-GRPO (d1, Zhao et al. 2025, arXiv 2504.12216, Sec. 3): policy gradients for a masked diffusion LM.
 
+    python diffu_grpo.py --model out/sft/final --task sudoku      # RL from `python sft.py --model tiny` (~1 minute)
+
 GRPO (Shao et al. 2024) needs per-token log-probabilities log pi(o_k | q) of sampled completions. An autoregressive
 model gets them from one causal forward pass; a masked diffusion model has no such factorisation. d1's answer is a
 ONE-STEP MEAN-FIELD ESTIMATE:
@@ -14,7 +16,7 @@ reference and current log-probs of update j all use that same pattern (so the ra
 different j see different views of the prompt. That acts as regularisation and is what lets d1 run many (mu = 8-12)
 gradient updates per batch of expensive rollouts.
 
-One rollout batch, on each rank:
+One rollout batch, on each rank (rl_step):
   1. rollouts   for each prompt q, G completions o_1..o_G from sample.py (temperature 0.9; 0.3 for Sudoku)
   2. rewards    r_i = sum_f w_f f(q, o_i);  advantages A_i = r_i - mean(r_group)     (d1: no division by the std)
   3. patterns   mu prompt-mask patterns from a dedicated torch.Generator
@@ -25,41 +27,33 @@ One rollout batch, on each rank:
      averaged over all valid completion tokens of the rank's batch (d1 averages per micro-batch; summing over the
      batch first makes the update independent of the micro-batch size, a memory knob), gradients averaged over ranks.
 
-Each rank rolls out whole groups: an advantage needs only its own group's rewards, so no rewards cross ranks
-(metrics are all-reduced for logging only).
+Each rank rolls out whole groups: an advantage needs only its own group's rewards, so no rewards cross ranks (metrics
+are all-reduced for logging only). The unit of --max-steps, --save-every, --halt-after and --sample-every is the
+optimizer step, as in d1: a rollout batch is mu of them.
 
-    python diffu_grpo.py --model out/sft/final --task sudoku --prompt-style compact ...     # CPU, tiny
-    torchrun --nproc_per_node=2 diffu_grpo.py --model tiny --task sudoku --prompt-style compact --max-steps 4
-    torchrun --nproc_per_node=8 diffu_grpo.py --task sudoku           # d1's recipe on LLaDA-8B-Instruct
+Reading order: the estimator, the loss, the five stages, rl_step, main. The recipe (GRPOConfig, d1's train.yaml)
+and its per-task and tiny presets are at the bottom; the run around the loop is common.Run.
+
+    torchrun --nproc_per_node=2 diffu_grpo.py --model out/sft/final --task sudoku     # the same on 2 processes
+    torchrun --nproc_per_node=8 diffu_grpo.py --task sudoku --adapter SFT_DIR         # d1's recipe on LLaDA-8B
 """
 
-import argparse
-import copy
 import contextlib
-import math
-import os
+import copy
 import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import common
 import model as M
-from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
-                    broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, make_optimizer,
-                    maybe_resume, print0, save_checkpoint, training_setup)
-from data import add_sudoku_args, load_task, sudoku_kwargs
+from common import (Run, all_reduce_grads, batch_for, broadcast_params, compute_init, lora_targets, make_optimizer,
+                    option, parse_config, print0, shared, training_setup, warn_once)
+from data import BLANKS, load_task, sudoku_kwargs
 from memory import Setting, check_fits
 from rewards import REWARDS
-from sample import add_sampling_args, completion_mask, decode_completions, generate, pad_left
-
-# d1's published recipe (train.yaml), per task where it differs.
-# max_steps: the optimizer step of the checkpoint d1 reports per task (d1 trains longer and keeps the best one).
-PRESETS = {"gsm8k": dict(num_iterations=12, temperature=0.9, max_steps=7704),
-           "math": dict(num_iterations=12, temperature=0.9, max_steps=6600),
-           "countdown": dict(num_iterations=8, temperature=0.9, max_steps=5000),
-           "sudoku": dict(num_iterations=8, temperature=0.3, max_steps=3800)}
+from sample import SAMPLING_FLAGS, completion_mask, decode_completions, generate, pad_left, sampling_kwargs
 
 # -----------------------------------------------------------------------------
 # The one-step log-prob estimator
@@ -164,15 +158,14 @@ def encode_rollout_prompts(tok, rows, max_prompt_length, device):
     return ids, attn, sum(len(p) > cut for p in lists)
 
 
-def rollout(model, prompt_ids, prompt_attn, args, generator, autocast):
-    """Stage 1: one completion per row (each prompt appears G times) from sample.py's masked diffusion sampler.
-    Returns completion (N, L) and its mask of valid tokens (N, L): up to and including the first EOS."""
-    model.train(args.rollout_mode == "train")  # rollouts and old/ref log-probs: no dropout unless asked for
+def rollout(model, prompt_ids, prompt_attn, sampling, generator, autocast, train_mode=False):
+    """Stage 1: one completion per row (each prompt appears G times) from sample.py's masked diffusion sampler,
+    with the sampler's settings `sampling` (sample.sampling_kwargs). Returns completion (N, L) and its mask of valid
+    tokens (N, L): up to and including the first EOS. The model samples in eval mode (no LoRA dropout) unless
+    train_mode (d1's trainer sampled with dropout on)."""
+    model.train(train_mode)
     with autocast:
-        completion = generate(model, prompt_ids, prompt_attn, gen_length=args.gen_length,
-                              block_length=args.block_length, steps=args.steps, temperature=args.temperature,
-                              cfg_scale=args.cfg_scale, remasking=args.remasking, threshold=args.threshold,
-                              generator=generator).completion
+        completion = generate(model, prompt_ids, prompt_attn, generator=generator, **sampling).completion
     return completion, completion_mask(completion, model.cfg.eos_token_id).float()
 
 
@@ -182,26 +175,27 @@ def score_rollouts(rows, texts, reward_fns, G, scale_rewards):
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     total, per_fn = torch.zeros(len(rows)), {}
     for fn, w in reward_fns:
-        vals = torch.tensor([0.0 if v is None else float(v) for v in fn([r["prompt"] for r in rows], texts, **columns)])
+        vals = torch.tensor([0.0 if v is None else float(v)
+                             for v in fn([r["prompt"] for r in rows], texts, **columns)])
         per_fn[fn.__name__] = vals.mean().item()
         total += w * vals
     return total, group_advantages(total, G, scale_rewards), per_fn
 
 
 @torch.no_grad()
-def old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, args, autocast, timings):
+def old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, beta, logp_batch, autocast, timings):
     """Stage 4: log-probs under the rollout policy (old) and the reference policy (ref) for every pattern, before
-    any update: (mu, N, L) each, or None when not needed (mu = 1: old = current exactly; beta = 0: no ref)."""
+    any update: (mu, N, L) each, or None when not needed (mu = 1: old = current exactly; beta = 0: no ref).
+    logp_batch: rows per forward pass of the stacked mu * N rows."""
     mu, mask_id = patterns.shape[0], policy.model.cfg.mask_token_id
-    est = lambda m: per_token_logps_all(m, prompt_ids, prompt_attn, completion, patterns, mask_id,
-                                        args.logp_batch_size or args.micro_batch_size)
+    est = lambda m: per_token_logps_all(m, prompt_ids, prompt_attn, completion, patterns, mask_id, logp_batch)
     t0 = time.perf_counter()
     with autocast:
         old = est(policy.model) if mu > 1 else None
     timings["old_logps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = None
-    if args.beta > 0:
+    if beta > 0:
         with autocast, policy.ref_context():
             ref = est(policy.ref_model())
         policy.ref_passes += mu  # counted in patterns (one (N, P + L) estimate each), however they are batched
@@ -209,82 +203,155 @@ def old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, arg
     return old, ref
 
 
-def inner_updates(model, opt, sched, params, batch, patterns, old, ref, args, world, autocast):
+def inner_updates(model, opt, sched, params, batch, patterns, old, ref, *, epsilon, beta, micro_batch,
+                  max_grad_norm, world, autocast):
     """Stage 5: mu optimizer steps, step j with pattern j for its current log-probs (and old[j], ref[j]): every
     pattern is used whatever the micro-batching. The loss is normalised by the valid tokens of the whole rank
     batch, gradients are averaged over ranks. Returns the mean loss, kl, clip ratio and grad norm."""
     prompt_ids, prompt_attn, completion, adv, cmask = batch
-    mu, N, mb = patterns.shape[0], len(completion), args.micro_batch_size
+    mu, N = patterns.shape[0], len(completion)
     model.train()
     n_valid = cmask.sum().clamp(min=1)
     sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0}
     for j in range(mu):
-        for i in range(0, N, mb):
-            sl = slice(i, i + mb)
+        for i in range(0, N, micro_batch):
+            sl = slice(i, i + micro_batch)
             with autocast:
                 logp = per_token_logps(model, prompt_ids[sl], prompt_attn[sl], completion[sl], patterns[j][sl],
                                        model.cfg.mask_token_id)
-            old_j = logp.detach() if old is None else old[j][sl]
+            old_j = logp.detach() if old is None else old[j][sl]  # mu = 1: the ratio is exactly 1
             ref_j = None if ref is None else ref[j][sl]
-            loss, st = grpo_token_loss(logp, old_j, ref_j, adv[sl], cmask[sl], args.epsilon, args.beta)
+            loss, st = grpo_token_loss(logp, old_j, ref_j, adv[sl], cmask[sl], epsilon, beta)
             (loss / n_valid).backward()
             sums["loss"] += loss.item() / n_valid.item() / mu
             sums["kl"] += st.get("kl", torch.tensor(0.0)).item() / n_valid.item() / mu
             sums["clipped"] += st["clipped"].item() / n_valid.item() / mu
         all_reduce_grads(params, world)
-        sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item() / mu
+        sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() / mu
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
     return sums
 
 
-def rl_step(policy, opt, sched, params, batch_rows, tok, args, world, gens, autocast, device):
-    """One rollout batch on this rank, the five stages of the module docstring; returns (metrics, samples), the
+def rl_step(policy, opt, sched, params, batch_rows, tok, cfg, world, gens, autocast, device):
+    """One rollout batch on this rank: the five stages of the module docstring. Returns (metrics, samples), the
     metrics local to this rank (main all-reduces them for logging)."""
-    model, G, mu = policy.model, args.num_generations, args.num_iterations
+    model, G, mu = policy.model, cfg.num_generations, cfg.num_iterations
     timings, t0 = {}, time.perf_counter()
     rows = [r for r in batch_rows for _ in range(G)]  # every prompt G times: one group each
-    prompt_ids, prompt_attn, n_truncated = encode_rollout_prompts(tok, rows, args.max_prompt_length, device)
-    if n_truncated and not getattr(args, "_warned_truncation", False):
-        print(f"warning: {n_truncated} of {len(rows)} prompts are longer than --max-prompt-length "
-              f"{args.max_prompt_length} and lose their beginning (BOS and instruction first); counted as "
-              f"prompts/truncated in the metrics", flush=True)
-        args._warned_truncation = True
-    completion, cmask = rollout(model, prompt_ids, prompt_attn, args, gens["rollout"], autocast)  # 1.
+    prompt_ids, prompt_attn, n_cut = encode_rollout_prompts(tok, rows, cfg.max_prompt_length, device)
+    completion, cmask = rollout(model, prompt_ids, prompt_attn, sampling_kwargs(cfg), gens["rollout"], autocast,
+                                cfg.rollout_mode == "train")  # 1.
     timings["rollout"] = time.perf_counter() - t0
     texts = decode_completions(tok, completion, model.cfg.eos_token_id)
-    total, adv, per_fn = score_rollouts(rows, texts, args.reward_fns, G, args.scale_rewards)  # 2.
-    patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, args.p_mask_prompt)  # 3. (mu, N, P)
-    old, ref = old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, args, autocast,
-                                 timings)  # 4.
+    total, adv, per_fn = score_rollouts(rows, texts, reward_functions(cfg), G, cfg.scale_rewards)  # 2.
+    patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)  # 3. (mu, N, P)
+    old, ref = old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, cfg.beta,
+                                 cfg.logp_batch_size or cfg.micro_batch_size, autocast, timings)  # 4.
     t0 = time.perf_counter()
     sums = inner_updates(model, opt, sched, params, (prompt_ids, prompt_attn, completion, adv.to(device), cmask),
-                         patterns, old, ref, args, world, autocast)  # 5.
+                         patterns, old, ref, epsilon=cfg.epsilon, beta=cfg.beta, micro_batch=cfg.micro_batch_size,
+                         max_grad_norm=cfg.max_grad_norm, world=world, autocast=autocast)  # 5.
     timings["update"] = time.perf_counter() - t0
-    r = total.view(-1, G)
-    metrics = {"reward": total.mean().item(), "reward_std": total.std().item() if len(total) > 1 else 0.0,
-               **{f"rewards/{k}/mean": v for k, v in per_fn.items()},
-               "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item() if G > 1 else 1.0,
-               "kl": sums["kl"], "clip_ratio/region_mean": sums["clipped"],
-               "completions/mean_length": cmask.sum(1).mean().item(),
-               "completions/clipped_ratio": (~(completion == model.cfg.eos_token_id).any(1)).float().mean().item(),
-               "prompts/truncated": n_truncated / len(rows),
-               "loss": sums["loss"], "grad_norm": sums["grad_norm"], "lr": sched.get_last_lr()[0],
-               **{f"time/{k}": v for k, v in timings.items()}}
+    if n_cut:
+        warn_once("prompt cut", f"{n_cut} of {len(rows)} prompts are longer than --max-prompt-length "
+                  f"{cfg.max_prompt_length} and lose their beginning (BOS and instruction first); counted as "
+                  f"prompts/truncated in the metrics")
     samples = [(rows[i]["prompt"][-1]["content"][-60:], texts[i], total[i].item()) for i in range(min(2, len(rows)))]
-    return metrics, samples
+    return rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, model.cfg.eos_token_id, sched, timings), samples
 
 
-def lora_targets(spec):
-    """--lora-targets: 'd1', 'wide' or a comma-separated list of module names."""
-    return {"d1": M.LORA_TARGETS, "wide": M.LORA_TARGETS_WIDE}.get(spec) or tuple(spec.split(","))
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def main(argv=None):
+    cfg, presets = get_config(argv)
+    rank, _, world, device = compute_init(cfg.device)
+    mu, per_rank = cfg.num_iterations, cfg.prompts_per_step
+    # RL starts from the SFT model when --model is an SFT export or --adapter is given (common.make_trainable).
+    model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
+    check_memory(cfg, model, dtype, device)
+    policy = Policy(model, copy.deepcopy(model).eval().requires_grad_(False) if not cfg.lora_r and cfg.beta else None)
+    broadcast_params(params, world)
+    opt, sched = make_optimizer(params, cfg, cfg.max_steps)
+    ds = load_task(cfg.task, "train", cfg.data_path, cfg.prompt_style, n=cfg.train_n,
+                   seed=cfg.seed if cfg.data_seed is None else cfg.data_seed, **sudoku_kwargs(cfg.task, cfg.blanks))
+    print0(f"diffu-GRPO on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per rollout "
+           f"batch x G={cfg.num_generations}, mu={mu}, beta={cfg.beta}, eps={cfg.epsilon}, p_mask={cfg.p_mask_prompt}, "
+           f"T={cfg.temperature} | {sum(p.numel() for p in params):,} trainable params | world {world}")
+    run = Run(cfg, model, tok, opt, sched, params, cfg.max_steps, "diffu-grpo", stride=mu)
+    for step in run.steps():
+        t0, b = time.perf_counter(), step // mu - 1  # b: the rollout batch that ends at this optimizer step
+        # The global rollout batch (prompt indices), then this rank's prompts_per_step of them.
+        idx = batch_for(b, per_rank * world, len(ds), cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        metrics, samples = rl_step(policy, opt, sched, params, [ds[int(i)] for i in idx], tok, cfg, world,
+                                   batch_generators(cfg.seed, rank, b, device), autocast, device)
+        metrics = reduce_metrics({**metrics, "step_time": time.perf_counter() - t0}, world, device)
+        lines = [f"  [reward {r:.3f}] ...{p!r} -> {c[:120]!r}" for p, c, r in samples] \
+            if run.every(step, cfg.sample_every) else []
+        if run.end_step(step, {"batch": b + 1, **metrics}, SHOWN, lines):
+            break
+    print0(f"reference passes: {policy.ref_passes}")
+    run.finish()
+    return policy
+
+
+# -----------------------------------------------------------------------------
+# Plumbing: seeds, rewards, memory, metrics
+
+
+def batch_generators(seed, rank, b, device):
+    """The generators of rollout batch b on this rank: {"rollout": sampling noise, "mask": prompt-mask patterns},
+    seeded from (seed, rank, batch), so they are reproducible, independent of any global RNG, and a resumed run
+    draws exactly what the uninterrupted run drew. Only LoRA dropout uses the global RNG (F.dropout takes no
+    generator, and gradient checkpointing restores the global RNG state when it recomputes a block); seeding it per
+    batch makes resume exact, and it touches nothing else."""
+    gens = {name: torch.Generator(device=device).manual_seed(seed_for(seed, rank, b, i))
+            for i, name in enumerate(("rollout", "mask"))}
+    torch.manual_seed(seed_for(seed, rank, b, 2))
+    return gens
 
 
 def seed_for(seed, rank, batch, stream):
     """A distinct, reproducible seed per (run seed, rank, rollout batch, stream). Plain arithmetic, not hash():
     Python salts string hashes per process."""
     return ((seed * 1_000_003 + rank) * 1_000_033 + batch) * 8 + stream
+
+
+def reward_functions(cfg):
+    """[(reward function, weight)] of the task; --reward-weights replaces d1's weights (all 1)."""
+    fns = REWARDS[cfg.task]
+    return [(f, w if cfg.reward_weights is None else cfg.reward_weights[i]) for i, (f, w) in enumerate(fns)]
+
+
+def check_memory(cfg, model, dtype, device):
+    """The memory plan of this run against the GPU's memory (memory.py); stops before the first step if it does
+    not fit, unless --force."""
+    targets = lora_targets(cfg.lora_targets)
+    check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size, prompt_len=cfg.max_prompt_length or 256,
+                       completion_len=cfg.gen_length, dtype=dtype, lora_r=cfg.lora_r, lora_targets=targets,
+                       grad_ckpt=cfg.grad_ckpt, full_ft_reference=not cfg.lora_r and cfg.beta > 0,
+                       logp_rows=cfg.logp_batch_size or cfg.micro_batch_size), device, cfg.force)
+
+
+# The metrics printed each rollout batch (all of them go to metrics.jsonl).
+SHOWN = ("reward", "reward_std", "kl", "loss", "grad_norm", "completions/mean_length", "clip_ratio/region_mean",
+         "step_time", "time/rollout", "time/update")
+
+
+def rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, eos_id, sched, timings):
+    """The rank-local metrics of one rollout batch, named as TRL's GRPO trainer names them."""
+    r = total.view(-1, G)
+    return {"reward": total.mean().item(), "reward_std": total.std().item() if len(total) > 1 else 0.0,
+            **{f"rewards/{k}/mean": v for k, v in per_fn.items()},
+            "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item() if G > 1 else 1.0,
+            "kl": sums["kl"], "clip_ratio/region_mean": sums["clipped"],
+            "completions/mean_length": cmask.sum(1).mean().item(),
+            "completions/clipped_ratio": (~(completion == eos_id).any(1)).float().mean().item(),
+            "prompts/truncated": n_cut / len(total), "loss": sums["loss"], "grad_norm": sums["grad_norm"],
+            "lr": sched.get_last_lr()[0], **{f"time/{k}": v for k, v in timings.items()}}
 
 
 def reduce_metrics(metrics, world, device):
@@ -298,152 +365,139 @@ def reduce_metrics(metrics, world, device):
 
 
 # -----------------------------------------------------------------------------
+# The recipe: d1's train.yaml (and sbatch files) as they ran. Every field is a flag (common.option); per-task values
+# and the tiny laptop recipe are in PRESETS below.
+
+
+def sampler_option(name, default):
+    """option() for one of the sampler's flags, described once in sample.SAMPLING_FLAGS."""
+    help, kw = SAMPLING_FLAGS[name]
+    return option(default, help, "sampling (rollouts)", **{k: v for k, v in kw.items() if k != "type"})
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    model: str = shared("model", M.LLADA_HUB_ID)
+    preset: str = shared("preset", "auto")
+    adapter: str = shared("adapter", None)
+    dtype: str = shared("dtype", "auto")
+    device: str = shared("device", "auto")
+    lora_r: int = option(128, "LoRA rank; 0 = full fine-tuning, with a frozen copy of the start as the reference",
+                         "model")
+    lora_alpha: float = shared("lora_alpha", 64.0)
+    lora_dropout: float = shared("lora_dropout", 0.05)
+    lora_targets: str = shared("lora_targets", "d1")
+    grad_ckpt: bool = shared("grad_ckpt", False)
+    force: bool = shared("force", False)
+
+    task: str = option("sudoku", "the task: its training prompts and d1's reward functions", "data",
+                       choices=sorted(REWARDS))
+    data_path: str = shared("data_path", None)
+    prompt_style: str = shared("prompt_style", "d1")
+    train_n: int = shared("train_n", None)
+    data_seed: int = option(None, "seed of the generated training set (Sudoku, Countdown; default: --seed); "
+                            "another value than SFT's trains RL on puzzles SFT never saw", "data", type=int)
+    blanks: tuple = shared("blanks", BLANKS)
+
+    gen_length: int = sampler_option("gen_length", 256)
+    block_length: int = sampler_option("block_length", 32)
+    steps: int = sampler_option("steps", 128)
+    temperature: float = sampler_option("temperature", 0.3)
+    cfg_scale: float = sampler_option("cfg_scale", 0.0)
+    remasking: str = sampler_option("remasking", "low_confidence")
+    threshold: float = option(None, SAMPLING_FLAGS["threshold"][0], "sampling (rollouts)", type=float)
+    prefix_cache: bool = sampler_option("prefix_cache", False)
+
+    num_generations: int = option(6, "G: completions per prompt (one group)", "d1's algorithm")
+    prompts_per_step: int = option(2, "prompts per rank per rollout batch (d1: per-device batch 6 x grad-accum 2 "
+                                   "/ 6 generations)", "d1's algorithm")
+    num_iterations: int = option(8, "mu: inner updates (optimizer steps) per rollout batch", "d1's algorithm")
+    beta: float = option(0.04, "KL coefficient (0 = no reference passes at all)", "d1's algorithm")
+    epsilon: float = option(0.5, "ratio clipping range", "d1's algorithm")
+    p_mask_prompt: float = option(0.15, "probability of masking each prompt token, per inner update",
+                                  "d1's algorithm")
+    scale_rewards: bool = option(False, "divide advantages by the group std (TRL's default; d1: off)",
+                                 "d1's algorithm")
+    reward_weights: tuple = option(None, "one weight per reward function of the task (d1: all 1)", "d1's algorithm",
+                                   type=float, nargs="+")
+    max_prompt_length: int = option(None, "keep only the last N prompt tokens (d1: 200, TRL's left truncation); "
+                                    "unset: no cut, and prompts a limit would cut are counted (prompts/truncated)",
+                                    "d1's algorithm", type=int)
+
+    lr: float = shared("lr", 3e-6)
+    lr_schedule: str = shared("lr_schedule", "constant")
+    warmup_steps: int = shared("warmup_steps", 0)
+    adam_betas: tuple = shared("adam_betas", (0.9, 0.99))
+    weight_decay: float = shared("weight_decay", 0.1)
+    max_grad_norm: float = shared("max_grad_norm", 0.2)
+    max_steps: int = option(3800, "optimizer steps in all, mu per rollout batch (d1's reported checkpoints)",
+                            "optimisation")
+    micro_batch_size: int = option(6, "completions per forward pass in the update passes", "optimisation")
+    seed: int = shared("seed", 0)
+
+    out_dir: str = shared("out_dir", "out/grpo")
+    sample_every: int = option(80, "print two decoded rollouts every N optimizer steps (0 = never)",
+                               "run and checkpoints")
+    save_every: int = shared("save_every", 0)
+    resume: bool = shared("resume", False)
+    halt_after: int = shared("halt_after", None)
+    export: str = shared("export", "exact")
+    no_export: bool = shared("no_export", False)
+
+    rollout_mode: str = option("eval", "module mode of the rollouts and the old/ref passes. eval: no LoRA dropout, "
+                               "so the first inner update's ratio is exactly 1; train: dropout on, as d1's trainer "
+                               "ran", "debugging probes", choices=["eval", "train"])
+    logp_batch_size: int = option(None, "rows per forward pass in the no-grad old/ref passes, whose mu patterns are "
+                                  "stacked into one batch (default: --micro-batch-size)", "debugging probes", type=int)
+
+    def check(self, typed):
+        n = len(REWARDS[self.task])
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ValueError(f"--reward-weights needs {n} values for {self.task}: "
+                             f"{[f.__name__ for f, _ in REWARDS[self.task]]}")
+        mu = self.num_iterations
+        if self.max_steps % mu and "max_steps" in typed:
+            raise ValueError(f"--max-steps {self.max_steps} is not a whole number of rollout batches of mu = "
+                             f"--num-iterations {mu} optimizer steps")
+        return replace(self, max_steps=-(-self.max_steps // mu) * mu)  # a preset's steps: whole rollout batches
+
+
+# d1's per-task values (train.yaml; max_steps: the optimizer step of the checkpoint d1 reports, rounded up to whole
+# rollout batches), then the tiny laptop recipe: the demo's RL stage (runs/tiny_sudoku.sh) with one-step rollouts
+# (the whole answer in one denoising step, where the one-step estimator IS the sampler's likelihood), full
+# fine-tuning of the tiny model, and 20 rollout batches (about a minute on 2 cores).
+PRESETS = {
+    "gsm8k": dict(num_iterations=12, temperature=0.9, max_steps=7704),
+    "math": dict(num_iterations=12, temperature=0.9, max_steps=6600),
+    "countdown": dict(num_iterations=8, temperature=0.9, max_steps=5000),
+    "sudoku": dict(num_iterations=8, temperature=0.3, max_steps=3800),
+    "tiny": dict(prompt_style="compact", lora_r=0, gen_length=40, block_length=40, steps=1, temperature=1.0,
+                 num_generations=8, prompts_per_step=8, num_iterations=2, lr=3e-4, max_grad_norm=1.0,
+                 weight_decay=0.0, micro_batch_size=64, max_steps=40, sample_every=10),
+    "tiny sudoku": dict(blanks=(3, 6)),
+    "tiny countdown": dict(data_path="generate"),
+}
+
+
+def choose_presets(typed):
+    """The task's d1 values, then (for --model tiny or an export of a tiny run) the tiny recipe and its task's."""
+    task = typed.get("task", GRPOConfig.task)
+    if common.model_scale(typed.get("model", GRPOConfig.model), typed.get("preset", "auto")) != "tiny":
+        return [task]
+    return [task, "tiny"] + ([f"tiny {task}"] if f"tiny {task}" in PRESETS else [])
+
+
+def get_config(argv=None):
+    """(GRPOConfig, the presets applied) from the command line."""
+    paragraphs = __doc__.split("\n\n")
+    cfg, names = parse_config(GRPOConfig, argv, paragraphs[0].strip() + "\n\n" + paragraphs[1], PRESETS,
+                              choose_presets)
+    return replace(cfg, preset="tiny" if "tiny" in names else "d1"), names
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="diffu-GRPO (d1 stage 2). Unset flags take d1's published recipe.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # Model
-    add_model_args(ap, default_model=M.LLADA_HUB_ID)
-    ap.add_argument("--lora-r", type=int, default=128, help="LoRA rank (0 = full fine-tuning with a frozen reference copy)")
-    ap.add_argument("--lora-alpha", type=float, default=64.0, help="LoRA alpha")
-    ap.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
-    ap.add_argument("--lora-targets", default="d1",
-                    help="comma-separated module names to adapt, or 'd1' = " + ",".join(M.LORA_TARGETS) + " (what d1's "
-                         "PEFT config matched in LLaDA; no LM head) or 'wide' = " + ",".join(M.LORA_TARGETS_WIDE))
-    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the update passes")
-    ap.add_argument("--force", action="store_true", help="run even if the memory plan exceeds the GPU's memory")
-    # Task
-    ap.add_argument("--task", default="sudoku", choices=sorted(PRESETS), help="task (sets the reward functions)")
-    ap.add_argument("--data-path", default=None, help="local dataset file/dir ('generate' for Countdown's generator)")
-    ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's prompts or compact ones")
-    ap.add_argument("--train-n", type=int, default=None, help="limit the training prompts")
-    ap.add_argument("--data-seed", type=int, default=None,
-                    help="seed of the generated training set (Sudoku, Countdown); default --seed. Give it a value "
-                         "other than SFT's to train RL on puzzles the SFT stage never saw")
-    add_sudoku_args(ap)
-    # Rollouts
-    ap.add_argument("--num-generations", type=int, default=6, help="G: completions per prompt (one group)")
-    ap.add_argument("--prompts-per-step", type=int, default=2,
-                    help="prompts per rank per rollout batch (d1: batch 6 x grad-accum 2 / 6 generations = 2)")
-    ap.add_argument("--max-prompt-length", type=int, default=None,
-                    help="keep only the last N prompt tokens (d1: 200, TRL's left truncation). Default: no cut; "
-                         "prompts that a limit would cut are counted in the metrics (prompts/truncated)")
-    ap.add_argument("--rollout-mode", default="eval", choices=["eval", "train"],
-                    help="module mode of the rollouts and the old/ref log-prob passes. eval: no LoRA dropout, so the "
-                         "first inner update's ratio is exactly 1 (ours); train: dropout on, as d1's trainer ran")
-    add_sampling_args(ap, gen_length=256, block_length=32, steps=128, temperature=None)
-    # diffu-GRPO
-    ap.add_argument("--num-iterations", type=int, default=None, help="mu: inner updates per rollout batch (d1: 12 GSM8K/MATH, 8 Countdown/Sudoku)")
-    ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0 = no reference passes at all)")
-    ap.add_argument("--epsilon", type=float, default=0.5, help="ratio clipping range")
-    ap.add_argument("--p-mask-prompt", type=float, default=0.15, help="probability of masking each prompt token")
-    ap.add_argument("--scale-rewards", action="store_true", help="divide advantages by the group std (TRL; d1: off)")
-    ap.add_argument("--reward-weights", type=float, nargs="+", default=None, help="one weight per reward function")
-    ap.add_argument("--micro-batch-size", type=int, default=6, help="completions per forward in the update passes")
-    ap.add_argument("--logp-batch-size", type=int, default=None,
-                    help="rows per forward in the no-grad old/ref passes, whose mu patterns are stacked into one "
-                         "batch (default: --micro-batch-size; no activations are kept, so it can be larger)")
-    # Optimization
-    ap.add_argument("--lr", type=float, default=3e-6, help="learning rate")
-    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"], help="after warmup")
-    ap.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (optimizer steps)")
-    ap.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.99), help="AdamW betas")
-    ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    ap.add_argument("--max-grad-norm", type=float, default=0.2, help="gradient clipping norm")
-    ap.add_argument("--max-steps", type=int, default=None,
-                    help="optimizer steps, mu per rollout batch (default: the step of d1's reported checkpoint: "
-                         "GSM8K 7704, MATH 6600, Countdown 5000, Sudoku 3800)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for data order, rollouts and mask patterns")
-    # Logging and checkpoints
-    ap.add_argument("--out-dir", default="out/grpo", help="checkpoints, export and metrics.jsonl")
-    ap.add_argument("--sample-every", type=int, default=10, help="print decoded samples every N rollout batches")
-    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N rollout batches (0 = off)")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    ap.add_argument("--halt-after", type=int, default=None, help="stop after this many rollout batches (then --resume)")
-    add_export_args(ap)
-    args = ap.parse_args(argv)
-    preset = PRESETS[args.task]
-    args.num_iterations = args.num_iterations or preset["num_iterations"]
-    args.temperature = preset["temperature"] if args.temperature is None else args.temperature
-    args.max_steps = args.max_steps or preset["max_steps"]
-    fns = REWARDS[args.task]
-    if args.reward_weights is not None and len(args.reward_weights) != len(fns):
-        raise ValueError(f"--reward-weights needs {len(fns)} values for {args.task}: {[f.__name__ for f, _ in fns]}")
-    args.reward_fns = [(f, w if args.reward_weights is None else args.reward_weights[i]) for i, (f, w) in enumerate(fns)]
-    if args.max_steps % args.num_iterations:
-        args.max_steps = math.ceil(args.max_steps / args.num_iterations) * args.num_iterations
-    return args
-
-
-def main(argv=None):
-    args = get_args(argv)
-    rank, local_rank, world, device = compute_init(args.device)
-    # RL starts from the SFT model (d1-LLaDA) when --model is an SFT export or --adapter is given (make_trainable).
-    model, tok, params, dtype, autocast = training_setup(args, device, lora_targets(args.lora_targets))
-    check_fits(Setting(model.cfg, micro_batch=args.micro_batch_size, prompt_len=args.max_prompt_length or 256,
-                       completion_len=args.gen_length, dtype=dtype, lora_r=args.lora_r,
-                       lora_targets=lora_targets(args.lora_targets), grad_ckpt=args.grad_ckpt,
-                       full_ft_reference=not args.lora_r and args.beta > 0,
-                       logp_rows=args.logp_batch_size or args.micro_batch_size), device, args.force)
-    frozen = None
-    if not args.lora_r and args.beta > 0:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    broadcast_params(params, world)
-    policy = Policy(model, frozen)
-    opt, sched = make_optimizer(params, args, args.max_steps)
-    data_seed = args.seed if args.data_seed is None else args.data_seed
-    ds = load_task(args.task, "train", args.data_path, args.prompt_style, n=args.train_n, seed=data_seed,
-                   **sudoku_kwargs(args.task, args))
-    per_batch = args.prompts_per_step * world
-    n_batches = args.max_steps // args.num_iterations
-    meta = maybe_resume(args, model, opt, sched)
-    start = meta["batch"] if meta else 0
-    ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    print0(f"diffu-GRPO on {args.task}: {len(ds)} prompts, {per_batch} per rollout batch x G={args.num_generations}, "
-           f"mu={args.num_iterations}, beta={args.beta}, eps={args.epsilon}, p_mask={args.p_mask_prompt}, "
-           f"T={args.temperature} | {sum(p.numel() for p in params):,} trainable params | world {world}")
-    log = JsonlLog(os.path.join(args.out_dir, "metrics.jsonl"))
-    bar = tqdm(range(start, n_batches), disable=rank != 0, desc="diffu-grpo", dynamic_ncols=True)
-    for b in bar:
-        t0 = time.perf_counter()
-        # The global rollout batch (per_batch prompt indices), then this rank's prompts_per_step of them.
-        mine = slice(rank * args.prompts_per_step, (rank + 1) * args.prompts_per_step)
-        idx = batch_for(b, per_batch, len(ds), args.seed)[mine]
-        # Generators derived from (seed, rank, batch): reproducible, independent of any global RNG, and a resumed
-        # run draws exactly what the uninterrupted run drew.
-        gens = {name: torch.Generator(device=device).manual_seed(seed_for(args.seed, rank, b, i))
-                for i, name in enumerate(("rollout", "mask"))}
-        # Only LoRA dropout uses the global RNG (F.dropout takes no generator, and gradient checkpointing restores
-        # the global RNG state when it recomputes a block). Seeding it per batch makes resume exact; it touches
-        # nothing else, since rollout noise and mask patterns have their own generators.
-        torch.manual_seed(seed_for(args.seed, rank, b, 2))
-        metrics, samples = rl_step(policy, opt, sched, params, [ds[int(i)] for i in idx], tok, args, world, gens,
-                                   autocast, device)
-        metrics["step_time"] = time.perf_counter() - t0
-        metrics = reduce_metrics(metrics, world, device)
-        step = (b + 1) * args.num_iterations
-        log.write(step=step, batch=b + 1, **metrics)
-        if rank == 0:
-            shown = {k: v for k, v in metrics.items() if k in ("reward", "reward_std", "kl", "loss", "grad_norm",
-                                                              "completions/mean_length", "clip_ratio/region_mean",
-                                                              "step_time", "time/rollout", "time/update")}
-            bar.write(fmt_metrics(step, shown))
-            if args.sample_every and (b + 1) % args.sample_every == 0:
-                for p, c, r in samples:
-                    bar.write(f"  [reward {r:.3f}] ...{p!r} -> {c[:120]!r}")
-        if args.save_every and (b + 1) % args.save_every == 0:
-            save_checkpoint(ckpt_dir, model, tok, opt, sched, {"step": step, "batch": b + 1, "args": vars(args),
-                                                               **metrics})
-        if args.halt_after is not None and b + 1 >= args.halt_after:
-            print0(f"halting after rollout batch {b + 1} (--halt-after)")
-            break
-    print0(f"ranks in sync: {assert_ranks_in_sync(params, world)} | reference passes: {policy.ref_passes}")
-    if not args.no_export and (args.halt_after is None or args.halt_after >= n_batches):
-        export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args)}, args.export)
-        print0(f"exported ({args.export}) to {os.path.join(args.out_dir, 'final')}")
-    compute_cleanup()
-    return policy
+    """The resolved config (for tests and the fidelity ledger)."""
+    return get_config(argv)[0]
 
 
 if __name__ == "__main__":

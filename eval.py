@@ -166,7 +166,7 @@ def test_rows(task, args):
         rows = load_d1_eval(task, data_path_for(task, args))
         return rows[:args.limit] if args.limit else rows
     return list(load_task(task, "test", data_path_for(task, args), args.prompt_style, n=args.limit,
-                          seed=args.data_seed, **sudoku_kwargs(task, args)))
+                          seed=args.data_seed, **sudoku_kwargs(task, args.blanks)))
 
 
 def decode_for_scoring(tok, completion, eos_id, protocol):

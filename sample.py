@@ -262,20 +262,39 @@ def pad_left(rows, pad_id, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
+# The sampler's flags, described once: sample.py and eval.py build them with add_sampling_args, diffu_grpo.py declares
+# them in its config with the same names, help and meaning.
+SAMPLING_FLAGS = {
+    "gen_length": ("tokens to generate (the canvas length)", dict(type=int)),
+    "block_length": ("semi-autoregressive block size, in tokens (divides --gen-length)", dict(type=int)),
+    "steps": ("denoising steps in total, split evenly over the blocks", dict(type=int, aliases=["--diffusion-steps"])),
+    "temperature": ("0 = greedy; > 0 = Gumbel-max sampling in float64", dict(type=float)),
+    "cfg_scale": ("classifier-free guidance weight (0 = off)", dict(type=float)),
+    "remasking": ("which proposals to commit each step: the most confident, or random ones",
+                  dict(choices=["low_confidence", "random"])),
+    "threshold": ("fast mode: commit every proposal with confidence >= this (e.g. 0.9); unset = the exact sampler",
+                  dict(type=float)),
+    "prefix_cache": ("fast mode: reuse the K/V of the positions before the current block", {}),
+}
+
+
 def add_sampling_args(ap, gen_length=128, block_length=32, steps=64, temperature=0.0, several_lengths=False):
-    """The sampler's flags, shared by sample.py, eval.py and diffu_grpo.py (eval.py takes several gen lengths)."""
-    ap.add_argument("--gen-length", type=int, default=gen_length, nargs="+" if several_lengths else None,
-                    help="tokens to generate (the canvas length)" + (", one run per value" if several_lengths else ""))
-    ap.add_argument("--block-length", type=int, default=block_length, help="semi-autoregressive block size (tokens)")
-    ap.add_argument("--steps", "--diffusion-steps", dest="steps", type=int, default=steps,
-                    help="denoising steps in total (split evenly over blocks)" + ("" if steps else "; default gen_length // 2"))
-    ap.add_argument("--temperature", type=float, default=temperature, help="0 = greedy; >0 = float64 Gumbel-max")
-    ap.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight (0 = off)")
-    ap.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
-                    help="which proposals to commit: the most confident, or random ones")
-    ap.add_argument("--threshold", type=float, default=None,
-                    help="fast mode: commit every proposal with confidence >= this (e.g. 0.9); default off (exact)")
-    ap.add_argument("--prefix-cache", action="store_true", help="fast mode: reuse K/V of positions before the block")
+    """The sampler's flags for sample.py and eval.py (eval.py takes several generation lengths), in one group."""
+    g = ap.add_argument_group("sampling")
+    defaults = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
+                    cfg_scale=0.0, remasking="low_confidence", threshold=None, prefix_cache=False)
+    for name, (help, kw) in SAMPLING_FLAGS.items():
+        kw, d = dict(kw), defaults[name]
+        names = ["--" + name.replace("_", "-")] + kw.pop("aliases", [])
+        if name == "prefix_cache":
+            kw["action"] = "store_true"
+        elif d is not None:
+            help += f" (default: {' '.join(map(str, d)) if isinstance(d, list) else d})"
+        if name == "gen_length" and several_lengths:
+            kw["nargs"], help = "+", help.replace("length)", "length; one run per value)")
+        if name == "steps" and d is None:
+            help += " (default: gen_length // 2)"
+        g.add_argument(*names, dest=name, default=d, help=help, **kw)
 
 
 def sampling_kwargs(args):

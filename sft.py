@@ -1,122 +1,131 @@
 """
-Stage 1 of d1: masked supervised fine-tuning with LLaDA's objective (Nie et al. 2025, Eq. 5 / SFT in Sec. 2.3).
+Stage 1 of d1: masked supervised fine-tuning with LLaDA's objective.
+
+    python sft.py --model tiny --task sudoku            # the tiny recipe on a laptop CPU: about a minute
 
 A training pair is (prompt p0, answer r0). Noise is applied to the ANSWER only:
+
     t ~ U(0, 1) per sequence,  p = (1 - eps) t + eps,
     each answer token (its EOS padding included) becomes [MASK] with probability p; the prompt is never masked.
-The model predicts every masked token from the partially masked sequence, and
+
+The model predicts every masked token from the partially masked sequence:
+
     loss = E_t [ 1/L_r * sum_{i masked} -log p_theta(r0_i | p0, r_t) / p ]
-with L_r the answer length of that sample (EOS padding included). The 1/p weight makes this an upper bound on the
-negative log-likelihood (masked diffusion ELBO); the padding counts because learning to write EOS up to the end of
-a fixed canvas is how the model learns to stop.
 
-LLaDA's PRE-TRAINING objective (its Eq. 3) is the same estimator with every token maskable, the prompt included:
+with L_r the answer length of that sample, EOS padding included. The 1/p weight makes this an upper bound on the
+negative log-likelihood (the masked diffusion ELBO). The padding counts because writing EOS up to the end of a fixed
+canvas is how the model learns to stop.
+
+LLaDA's PRE-TRAINING objective is the same estimator with every token maskable, the prompt included:
+
     loss = E_t [ 1/L * sum_{i masked} -log p_theta(x0_i | x_t) / p ]      (L = the whole sequence length)
-d1 fine-tunes a model that went through both; a model trained here from scratch has seen only what this script
-showed it. --objective pretrain uses Eq. 3, --objective mix draws one of the two per sequence (50/50, seeded). Mix
-matters for diffu-GRPO's random prompt masking (p_mask > 0): a model that has only ever seen a clean prompt reads a
-partly masked one out of distribution. The held-out loss is always the SFT one (what the answer costs).
 
-Length: d1 pads every s1K example to 4096 tokens with EOS. We pad to --max-length (a fixed canvas, so the model
-still learns to fill the rest with EOS) and truncate longer answers; the script reports how many were truncated.
+d1 fine-tunes a model that went through both. A model trained here from scratch has seen only what this script
+showed it, so --objective mix draws one of the two per sequence: diffu-GRPO masks prompt tokens (p_mask), and a model
+that has only seen clean prompts would read a partly masked one out of distribution.
 
-Validation: every --eval-every steps, the same objective at fixed noise levels on held-out VALIDATION examples (never
-test ones: this number picks models). With --patience K, training stops once K evaluations in a row fail to beat the
-best one, and the export holds the best evaluation's weights ("train until the held-out score stops improving").
+Length: d1 pads every s1K example to 4096 tokens with EOS. We pad to --max-length (a fixed canvas, so the model still
+learns to fill the rest with EOS) and truncate longer answers; the script reports how many were truncated.
 
-    python sft.py --model tiny --task sudoku --prompt-style compact                 # CPU, from scratch, minutes
-    torchrun --nproc_per_node=2 sft.py --model tiny --task sudoku --prompt-style compact
-    torchrun --nproc_per_node=8 sft.py --model GSAI-ML/LLaDA-8B-Instruct --task s1k --max-length 4096 \\
-        --lora-r 128 --lora-alpha 256 --lr 1e-5 --epochs 20 --batch-size 8 --micro-batch-size 1 --grad-ckpt
+Reading order: the objective (sft_loss), one optimizer step (train_step), the validation loss, then main. The
+recipe (SFTConfig, d1's values) and its presets are at the bottom; the run around the loop is common.Run.
+
+    torchrun --nproc_per_node=2 sft.py --model tiny --task sudoku        # the same run on 2 processes (gloo)
+    torchrun --nproc_per_node=8 sft.py --task s1k --grad-ckpt            # d1's recipe on LLaDA-8B-Instruct
 """
 
-import argparse
 import math
-import os
-import random
 import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
-from common import (JsonlLog, add_export_args, add_model_args, all_reduce_grads, assert_ranks_in_sync, batch_for,
-                    broadcast_params, compute_cleanup, compute_init, export_model, fmt_metrics, make_optimizer,
-                    maybe_resume, print0, save_checkpoint, training_setup)
-from data import add_sudoku_args, completion_text, load_task, sudoku_kwargs
+import model as M
+from common import (Run, all_reduce_grads, batch_for, broadcast_params, compute_init, lora_targets, make_optimizer,
+                    option, parse_config, print0, shared, training_setup)
+from data import BLANKS, sft_split
 from memory import Setting, check_fits
-
-
-# -----------------------------------------------------------------------------
-# Data: chat-templated prompt + answer + <|eot_id|>, right-padded with EOS to a fixed canvas.
-
-
-def tokenize_examples(tokenizer, rows, max_length, eos_id):
-    """rows with `prompt` (chat messages) and `completion` (text) -> (ids (N, max_length), prompt_lens (N,)),
-    plus the number of examples whose answer was truncated. An example whose prompt alone fills the canvas is
-    dropped (counted as truncated)."""
-    seqs, plens, truncated = [], [], 0
-    for r in rows:
-        p = tokenizer(tokenizer.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
-        a = tokenizer(r["completion"] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
-        if len(p) + len(a) > max_length:
-            truncated += 1
-            if len(p) >= max_length:
-                continue
-            a = a[:max_length - len(p)]
-        seqs.append(p + a + [eos_id] * (max_length - len(p) - len(a)))
-        plens.append(len(p))
-    if not seqs:
-        raise ValueError(f"every example's prompt is longer than --max-length {max_length}")
-    return torch.tensor(seqs), torch.tensor(plens), truncated
-
 
 # -----------------------------------------------------------------------------
 # The objective
 
 
-def sft_loss(model, ids, prompt_lens, mask_id, t, u, eps=1e-3):
-    """ids (B, T) long; prompt_lens (B,); t (B,) noise levels in [0, 1]; u (B, T) uniforms deciding the mask.
-    Returns the mean over the batch of (sum over masked answer tokens of CE / p) / answer length.
-    prompt_lens is really "where the maskable part starts": pass 0 for a sequence and it gets LLaDA's PRE-TRAINING
-    objective instead (every token maskable, normalised by the whole length; --objective pretrain|mix).
-    t and u are inputs (not drawn here) so callers control the randomness: training draws them from a seeded
-    generator, the held-out loss uses fixed t's, and tests compute the same number by hand."""
+def sft_loss(model, ids, maskable_from, mask_id, t, u, eps=1e-3, norm="sequence"):
+    """ids (B, T) long; maskable_from (B,): the first position that may be masked (the prompt length for LLaDA's
+    SFT objective, 0 for its pre-training one); t (B,) noise levels in [0, 1]; u (B, T) uniforms deciding the mask.
+
+    Returns sum over masked maskable tokens of CE / p, divided by the maskable length L_r, and averaged:
+      norm 'sequence': the mean over sequences of each one's sum / L_r (LLaDA's formula, per sample);
+      norm 'batch':    all sums / all maskable tokens of the batch (d1's sft_train.py; equal at batch size 1).
+    t and u are inputs, not drawn here, so callers own the randomness: training draws them from a seeded generator,
+    the validation loss uses fixed t's, and tests compute the same number by hand."""
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device)[None, :]
-    answer = pos >= prompt_lens[:, None]  # (B, T) maskable: the answer and its EOS padding (SFT), or all (pre-training)
+    maskable = pos >= maskable_from[:, None]  # (B, T): the answer and its EOS padding (SFT), or all (pre-training)
     p = ((1 - eps) * t + eps)[:, None]  # (B, 1) masking probability of each sequence
-    masked = answer & (u < p)  # (B, T)
+    masked = maskable & (u < p)  # (B, T)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    # Logits only from the first answer position on (logits_slice): prompt positions are never masked, so their
-    # logits would be thrown away; with a 126k vocabulary they are most of the memory of a long prompt.
-    s = int(prompt_lens.min())
+    # Logits only from the first maskable position on (logits_slice): positions before it are never masked, so
+    # their logits would be thrown away; with a 126k vocabulary they are most of the memory of a long prompt.
+    s = int(maskable_from.min())
     logits = model(noisy, logits_slice=slice(s, T))  # (B, T - s, V); no attention mask: EOS padding is content
     ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, s:].flatten(), reduction="none").view(B, T - s)
-    per_token = torch.where(masked[:, s:], ce / p, torch.zeros_like(ce))
-    answer_len = answer.sum(1).clamp(min=1)  # (B,)
-    return (per_token.sum(1) / answer_len).mean()
+    per_token = torch.where(masked[:, s:], ce / p, torch.zeros_like(ce))  # (B, T - s)
+    L_r = maskable.sum(1).clamp(min=1)  # (B,)
+    if norm == "batch":
+        return per_token.sum() / L_r.sum()
+    return (per_token.sum(1) / L_r).mean()
 
 
 def noise_for(step, seed, n, T):
     """The noise of global step `step` for its n examples: (t (n,), u (n, T), coin (n,)) from a generator seeded
     from (seed, step) alone, so every rank draws the same numbers for the whole global batch (each takes its slice)
-    and a resumed run draws exactly what the uninterrupted run drew. `coin` picks the objective under --objective mix."""
+    and a resumed run draws exactly what the uninterrupted run drew. `coin` picks the objective under --objective
+    mix."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.rand(n, generator=g), torch.rand(n, T, generator=g), torch.rand(n, generator=g)
 
 
 def maskable_start(plens, coin, objective):
-    """Where each sequence's maskable part starts. LLaDA trains with two objectives (llada.md): PRE-TRAINING masks
-    every token (start 0), SFT only the answer (start = prompt length). 'mix' gives half the sequences each, so a
-    model also learns to read a partly masked prompt, which diffu-GRPO's random prompt masking (p_mask) shows it."""
+    """Where each sequence's maskable part starts: the prompt length under LLaDA's SFT objective, 0 under its
+    pre-training objective, and under 'mix' one of the two per sequence by its coin (half each)."""
     if objective == "sft":
         return plens
     if objective == "pretrain":
         return torch.zeros_like(plens)
     return torch.where(coin < 0.5, torch.zeros_like(plens), plens)
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step
+
+
+def train_step(model, params, opt, sched, ids, starts, t, u, *, micro_batch, eps, norm, max_grad_norm, world,
+               autocast):
+    """One optimizer step on this rank's share of the global batch: ids (b, T), starts (b,), t (b,), u (b, T).
+    Micro-batches of `micro_batch` rows accumulate, gradients are averaged over ranks (= the mean over the global
+    batch), clipped and applied. Returns the metrics."""
+    accum = len(ids) // micro_batch
+    loss_sum = 0.0
+    for m in range(accum):
+        sl = slice(m * micro_batch, (m + 1) * micro_batch)
+        with autocast:  # bf16 compute on a GPU; a no-op on the CPU
+            loss = sft_loss(model, ids[sl], starts[sl], model.cfg.mask_token_id, t[sl], u[sl], eps, norm)
+        (loss / accum).backward()
+        loss_sum += loss.item() / accum
+    all_reduce_grads(params, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+
+
+# -----------------------------------------------------------------------------
+# Validation: the objective at fixed noise levels, on validation examples (never test ones: this number picks models)
 
 
 def noise_levels(k):
@@ -126,9 +135,9 @@ def noise_levels(k):
 
 @torch.no_grad()
 def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast, levels, rank=0, world=1):
-    """The objective at fixed noise levels with a fixed mask pattern per level: an estimate that changes only
+    """The SFT objective at fixed noise levels with a fixed mask pattern per level: an estimate that changes only
     when the weights change. The examples are sharded over ranks (rank r takes r, r + world, ...) and the sums
-    all-reduced, so every rank gets the same number as one process would, at 1/world of the cost."""
+    all-reduced, so every rank gets the number one process would get, at 1/world of the cost."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -152,274 +161,214 @@ def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast, level
 
 
 # -----------------------------------------------------------------------------
-
-
-def load_data(args):
-    """(training rows, held-out rows). The held-out (validation) rows never come from the test split, because the
-    held-out loss picks the model (--patience) and evaluation must not. They are the tail of the training rows,
-    except for generated Sudoku: there they are fresh puzzles on training-split grids that no labelled puzzle uses
-    (a puzzle on a memorised grid would flatter the loss)."""
-    sudoku = args.task == "sudoku" and args.data_path in (None, "generate")
-    if args.eval_n is None and args.train_n is not None:  # --eval-frac of a limited set
-        args.eval_n = max(1, round(args.eval_frac * args.train_n))
-    n_total = None if args.train_n is None else args.train_n + (0 if sudoku else args.eval_n)
-    gen_kw = sudoku_kwargs(args.task, args)
-    if args.sudoku_answers == "random" and args.task != "sudoku":
-        raise ValueError("--sudoku-answers random is for --task sudoku")
-    rows = load_task(args.task, "train", args.data_path, args.prompt_style, n=n_total, seed=args.seed, **gen_kw)
-    if args.sudoku_answers == "random":
-        rows = random_fill_answers(rows, args.seed, args.prompt_style)
-    if args.eval_n is None:  # --eval-frac of the whole set (d1: 1% of s1K's 1000 = 10 examples)
-        args.eval_n = max(1, round(args.eval_frac * len(rows)))
-    if sudoku:
-        seen, labelled = set(rows["solution"]), set(rows["puzzle"])
-        pool = load_task("sudoku", "train", None, args.prompt_style, n=max(1000, 20 * args.eval_n),
-                         seed=args.seed + 1_000_003, **gen_kw)
-        held = pool.filter(lambda r: r["solution"] not in seen)
-        if len(held) < args.eval_n:  # a large labelled set uses every training grid: settle for unseen puzzles
-            print0(f"note: the {len(rows)} labelled puzzles use {len(seen)} grids, leaving too few for validation;"
-                   f" validating on new puzzles of seen grids")
-            held = pool.filter(lambda r: r["puzzle"] not in labelled)
-        held = held.select(range(min(args.eval_n, len(held))))
-        if args.sudoku_answers == "random":
-            held = random_fill_answers(held, args.seed + 1, args.prompt_style)
-    else:
-        held, rows = rows.select(range(len(rows) - args.eval_n, len(rows))), rows.select(range(len(rows) - args.eval_n))
-    return rows, held
-
-
-def random_fill_answers(rows, seed, style):
-    """Sudoku rows whose SFT answer is the puzzle with each blank ('0') replaced by a random digit 1-4 (seeded):
-    the answer's format and its given cells are right, its blank cells carry no information about the solution."""
-    rng = random.Random(seed)
-    fill = lambda p: "".join(str(rng.randint(1, 4)) if ch == "0" else ch for ch in p)
-    texts = [completion_text(fill(p), style) for p in rows["puzzle"]]
-    return rows.remove_columns("completion").add_column("completion", texts)
-
-
-# Unset flags take a preset. "s1k" is d1's sft_train.py as it ran (d1_eval.md, "Training-side facts"): LoRA r 128,
-# alpha 256, dropout 0.05 on q/k/v; lr 1e-5, linear decay, no warmup; weight decay 0.1; grad-norm 1.0; 1 example per
-# device x 4 accumulation steps (global batch 4 x GPUs); 20 epochs; 4096 tokens; 1% held out, evaluated every 100
-# steps, best checkpoint kept; seed 42. "tiny" is for the generated tasks on a laptop (full fine-tuning of the tiny
-# model), and every tiny command in the repo sets its own flags on top.
-PRESETS = {
-    "s1k": dict(lora_r=128, lora_alpha=256.0, lora_dropout=0.05, lora_targets="q_proj,k_proj,v_proj", lr=1e-5,
-                lr_schedule="linear", warmup_steps=0, weight_decay=0.1, adam_betas=(0.9, 0.999), max_grad_norm=1.0,
-                micro_batch_size=1, grad_accum=4, epochs=20, max_length=4096, eval_frac=0.01, eval_every=100,
-                keep_best=True, seed=42),
-    "tiny": dict(lora_r=None, lora_alpha=256.0, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj", lr=1e-5,
-                 lr_schedule="cosine", warmup_steps=10, weight_decay=0.0, adam_betas=(0.9, 0.999), max_grad_norm=1.0,
-                 micro_batch_size=1, grad_accum=None, epochs=20, max_length=4096, eval_n=64, eval_every=50,
-                 keep_best=False, seed=0),
-}
-
-
-def get_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description="Masked SFT of LLaDA (d1 stage 1). Unset flags take a preset: --task s1k gets d1's sft_train.py "
-                    "recipe; other tasks (generated, for the tiny model) get the 'tiny' preset. "
-                    "The '(default: None)' of a flag means 'from the preset'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # Model
-    add_model_args(ap)
-    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (s1k: 128; tiny preset: 0 for --model tiny, else 128)")
-    ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, scale = alpha / r (s1k: 256)")
-    ap.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout probability (s1k: 0.05)")
-    ap.add_argument("--lora-targets", default=None, help="comma-separated module names (s1k: q_proj,k_proj,v_proj)")
-    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (recompute blocks in backward)")
-    ap.add_argument("--force", action="store_true", help="run even if the memory plan exceeds the GPU's memory")
-    # Data
-    ap.add_argument("--task", default="s1k", help="s1k (d1's SFT data), or sudoku/countdown (generated, for tiny runs)")
-    ap.add_argument("--data-path", default=None, help="local dataset file/directory instead of the hub")
-    ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"], help="d1's exact prompts or the compact ones")
-    ap.add_argument("--train-n", type=int, default=None, help="number of training examples (generated tasks: how many)")
-    ap.add_argument("--eval-n", type=int, default=None, help="held-out validation examples for the fixed-noise loss "
-                    "(never test-split ones: see load_data; tiny: 64)")
-    ap.add_argument("--eval-frac", type=float, default=None,
-                    help="held-out fraction of the training set, when --eval-n is unset (s1k: 0.01)")
-    add_sudoku_args(ap)
-    ap.add_argument("--sudoku-answers", default="solutions", choices=["solutions", "random"],
-                    help="generated Sudoku: the SFT answer is the solution, or the puzzle with every blank filled "
-                         "by a random digit (teaches the answer format and copying the given cells, and no Sudoku: "
-                         "like d1, whose SFT data s1K holds no Sudoku, RL must then supply the skill)")
-    ap.add_argument("--objective", default="sft", choices=["sft", "pretrain", "mix"],
-                    help="LLaDA's SFT objective (only the answer is masked), its pre-training objective (every "
-                         "token maskable), or a 50/50 mix per sequence (a model that is to see diffu-GRPO's masked "
-                         "prompts must have seen masked prompts); the held-out loss is always the SFT one")
-    ap.add_argument("--max-length", type=int, default=None, help="canvas length: prompt + answer, EOS-padded (tokens; 4096)")
-    # Optimization
-    ap.add_argument("--epochs", type=float, default=None, help="passes over the training set (d1: 20)")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="global batch, examples per optimizer step over all ranks (default: world x "
-                         "--micro-batch-size x --grad-accum; tiny: 8)")
-    ap.add_argument("--micro-batch-size", type=int, default=None, help="examples per forward pass per rank (1)")
-    ap.add_argument("--grad-accum", type=int, default=None,
-                    help="micro-batches per rank per optimizer step, when --batch-size is unset (s1k: 4)")
-    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-5)")
-    ap.add_argument("--lr-schedule", default=None, choices=["constant", "linear", "cosine"],
-                    help="decay after warmup (s1k: linear, tiny: cosine)")
-    ap.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (s1k: 0, tiny: 10)")
-    ap.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (s1k: 0.1, tiny: 0)")
-    ap.add_argument("--adam-betas", type=float, nargs=2, default=None, help="AdamW betas (0.9 0.999)")
-    ap.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping norm (1.0)")
-    ap.add_argument("--eps", type=float, default=1e-3, help="minimum masking probability (p = (1-eps) t + eps)")
-    ap.add_argument("--seed", type=int, default=None, help="seed for init (tiny), data order and noise (s1k: 42, tiny: 0)")
-    # Logging and checkpoints
-    ap.add_argument("--out-dir", default="out/sft", help="checkpoints, final export and metrics.jsonl go here")
-    ap.add_argument("--eval-noise-levels", type=int, default=5,
-                    help="noise levels of the held-out loss, (i + 0.5) / K for i < K: fewer is cheaper and noisier")
-    ap.add_argument("--eval-every", type=int, default=None,
-                    help="held-out loss every N steps, 0 = only at the end (s1k: 100, tiny: 50)")
-    ap.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
-                    help="export the weights of the best held-out evaluation, not the last step's (s1k: on; keeps a "
-                         "CPU copy of the trainable weights)")
-    ap.add_argument("--patience", type=int, default=0,
-                    help="early stopping: stop once the held-out loss has not improved for this many evaluations "
-                         "(every --eval-every steps); implies --keep-best (0 = off)")
-    ap.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (0 = off)")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    ap.add_argument("--halt-after", type=int, default=None,
-                    help="stop (checkpoint, no export) after this step, as if interrupted; continue with --resume")
-    add_export_args(ap)
-    args = ap.parse_args(argv)
-    for k, v in PRESETS["s1k" if args.task == "s1k" else "tiny"].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.lora_r is None:  # the tiny model is fully fine-tuned; a real one gets LoRA r 128
-        args.lora_r = 0 if args.model == "tiny" else 128
-    args.keep_best = args.keep_best or args.patience > 0
-    return args
-
-
-class BestWeights:
-    """Early stopping and --keep-best: the best held-out loss so far, its step, evaluations since it improved, and
-    (with keep) a CPU copy of the trainable weights of that evaluation. Saved in checkpoints, so it survives --resume."""
-
-    def __init__(self, params, keep, patience, record=None, state=None):
-        self.params, self.keep, self.patience = params, keep, patience
-        self.record = record or {"loss": float("inf"), "step": 0, "bad": 0}
-        self.state = state
-
-    def update(self, step, loss):
-        """Record an evaluation; True when training should stop (--patience evaluations without improvement)."""
-        if loss < self.record["loss"]:
-            self.record = {"loss": loss, "step": step, "bad": 0}
-            self.state = [p.detach().to("cpu", copy=True) for p in self.params] if self.keep else None
-        else:
-            self.record["bad"] += 1
-        return bool(self.patience) and self.record["bad"] >= self.patience
-
-    @torch.no_grad()
-    def restore(self):
-        for p, b in zip(self.params, self.state):
-            p.copy_(b)
-
-
-def train_step(model, params, opt, sched, batch, noise, args, rank, world, autocast, device):
-    """One optimizer step on this rank's share of the global batch: micro-batches accumulate, gradients are
-    averaged over ranks (= the mean over the global batch), clipped, applied. Returns the metrics."""
-    ids, plens, idx = batch
-    t_all, u_all, coin = noise
-    per_rank = args.batch_size // world
-    accum = per_rank // args.micro_batch_size
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    idx, t_all, u_all = idx[mine], t_all[mine], u_all[mine]
-    starts = maskable_start(plens[idx], coin[mine], args.objective)
-    loss_sum = 0.0
-    for m in range(accum):
-        sl = slice(m * args.micro_batch_size, (m + 1) * args.micro_batch_size)
-        with autocast:
-            loss = sft_loss(model, ids[idx[sl]].to(device), starts[sl].to(device), model.cfg.mask_token_id,
-                            t_all[sl].to(device), u_all[sl].to(device), args.eps)
-        (loss / accum).backward()
-        loss_sum += loss.item() / accum
-    all_reduce_grads(params, world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+# The training loop
 
 
 def main(argv=None):
-    args = get_args(argv)
-    rank, local_rank, world, device = compute_init(args.device)
-    if args.batch_size is None:
-        args.batch_size = world * args.micro_batch_size * args.grad_accum if args.grad_accum else 8
-    if args.batch_size % (world * args.micro_batch_size):
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by world size {world} x "
-                         f"--micro-batch-size {args.micro_batch_size}")
-    targets = tuple(args.lora_targets.split(","))
-    model, tok, params, dtype, autocast = training_setup(args, device, targets)
-    check_fits(Setting(model.cfg, micro_batch=args.micro_batch_size, prompt_len=0, completion_len=args.max_length,
-                       dtype=dtype, lora_r=args.lora_r, lora_targets=targets, grad_ckpt=args.grad_ckpt), device,
-               args.force)
+    cfg, presets = get_config(argv)
+    rank, _, world, device = compute_init(cfg.device)
+    batch_size = cfg.batch_size or world * cfg.micro_batch_size * cfg.grad_accum
+    per_rank = batch_size // world
+    model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
+    check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size, prompt_len=0, completion_len=cfg.max_length,
+                       dtype=dtype, lora_r=cfg.lora_r, lora_targets=lora_targets(cfg.lora_targets),
+                       grad_ckpt=cfg.grad_ckpt), device, cfg.force)
     broadcast_params(params, world)
-    rows, held = load_data(args)
-    ids, plens, n_trunc = tokenize_examples(tok, rows, args.max_length, model.cfg.eos_token_id)
-    eval_ids, eval_plens, _ = tokenize_examples(tok, held, args.max_length, model.cfg.eos_token_id)
+    (ids, plens), (val_ids, val_plens) = tokenized_split(cfg, tok, model.cfg.eos_token_id)
     N, T = ids.shape
-    total_steps = args.max_steps or math.ceil(args.epochs * N / args.batch_size)
-    print0(f"{N} training examples ({n_trunc} truncated to --max-length {args.max_length}), {len(eval_ids)} held out | "
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * N / batch_size)
+    print0(f"preset {'+'.join(presets) or 'd1'} | {N} training examples, {len(val_ids)} for validation | "
            f"{model.num_params():,} params, {sum(p.numel() for p in params):,} trainable | world {world}, "
-           f"{args.batch_size // world} per rank in micro-batches of {args.micro_batch_size} | {total_steps} steps")
-    opt, sched = make_optimizer(params, args, total_steps)
-    meta = maybe_resume(args, model, opt, sched)
-    ckpt_dir, start = os.path.join(args.out_dir, "checkpoint"), meta["step"] if meta else 0
-    extra = os.path.join(ckpt_dir, "extra.pt")
-    best = BestWeights(params, args.keep_best, args.patience, meta and meta.get("early_stop"),
-                       torch.load(extra, map_location="cpu")["best_state"] if meta and os.path.exists(extra) else None)
-    log = JsonlLog(os.path.join(args.out_dir, "metrics.jsonl"))
-    levels = noise_levels(args.eval_noise_levels)
-    heldout = lambda: heldout_loss(model, eval_ids, eval_plens, model.cfg.mask_token_id, args.micro_batch_size * 4,
-                                   device, autocast, levels, rank, world)
-    print0(f"validation: {len(eval_ids)} examples x {len(levels)} noise levels x {eval_ids.shape[1]} tokens = "
-           f"{len(eval_ids) * len(levels) * eval_ids.shape[1]:,} forward tokens per evaluation, sharded over "
-           f"{world} rank(s)")
-    if start == 0:
-        loss0 = heldout()
-        log.write(step=0, eval_loss=loss0)
-        best.update(0, loss0)
+           f"{per_rank} per rank in micro-batches of {cfg.micro_batch_size} | {total_steps} steps")
+    opt, sched = make_optimizer(params, cfg, total_steps)
+    run = Run(cfg, model, tok, opt, sched, params, total_steps, "sft", keep_best=cfg.keep_best or cfg.patience > 0,
+              patience=cfg.patience)
+    validate = validation(cfg, model, val_ids, val_plens, device, autocast, rank, world)
+    if run.start == 0:
+        run.log.write(step=0, eval_loss=validate())
+        run.evaluated(0, validate.last)
     model.train()
-    metrics, halted = {}, False
-    bar = tqdm(range(start, total_steps), disable=rank != 0, desc="sft", dynamic_ncols=True)
-    for step in bar:
+    metrics = {}
+    for step in run.steps():
         t0 = time.perf_counter()
         # The global batch and its noise are functions of the step alone: every rank takes its slice, and a resumed
         # run draws exactly what the uninterrupted run drew.
-        metrics = train_step(model, params, opt, sched, (ids, plens, batch_for(step, args.batch_size, N, args.seed)),
-                             noise_for(step, args.seed, args.batch_size, T), args, rank, world, autocast, device)
+        idx = batch_for(step - 1, batch_size, N, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        t, u, coin = (x[rank * per_rank:(rank + 1) * per_rank] for x in noise_for(step - 1, cfg.seed, batch_size, T))
+        metrics = train_step(model, params, opt, sched, ids[idx].to(device),
+                             maskable_start(plens[idx], coin, cfg.objective).to(device), t.to(device), u.to(device),
+                             micro_batch=cfg.micro_batch_size, eps=cfg.eps, norm=cfg.loss_norm,
+                             max_grad_norm=cfg.max_grad_norm, world=world, autocast=autocast)
         metrics["step_time"] = time.perf_counter() - t0
-        stop = False
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
-            metrics["eval_loss"] = heldout()
-            stop = best.update(step + 1, metrics["eval_loss"])
-        log.write(step=step + 1, **metrics)
-        if rank == 0:
-            bar.write(fmt_metrics(step + 1, metrics))
-        if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(ckpt_dir, model, tok, opt, sched,
-                            {"step": step + 1, "args": vars(args), "early_stop": best.record, **metrics},
-                            extra={"best_state": best.state} if best.state is not None else None)
-        if stop:
-            print0(f"early stop at step {step + 1}: the held-out loss has not improved for {args.patience} "
-                   f"evaluations; best {best.record['loss']:.4f} at step {best.record['step']}")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+            metrics["eval_loss"] = validate()
+            run.evaluated(step, metrics["eval_loss"])
+        if run.end_step(step, metrics):
             break
-        if args.halt_after is not None and step + 1 >= args.halt_after:
-            print0(f"halting after step {step + 1} (--halt-after)")
-            halted = step + 1 < total_steps  # a halt at the last step is just the end
-            break
-    print0(f"ranks in sync: {assert_ranks_in_sync(params, world)}")
-    if best.state is not None and not halted:  # --keep-best: export the best evaluation's weights, not the last step's
-        best.restore()
-        print0(f"restored the weights of step {best.record['step']} (best held-out loss {best.record['loss']:.4f})")
-        metrics = {**metrics, "best_step": best.record["step"], "best_eval_loss": best.record["loss"]}
-    if not args.no_export and not halted:
-        export_model(os.path.join(args.out_dir, "final"), model, tok, {"args": vars(args), **metrics}, args.export)
-        print0(f"exported ({args.export}) to {os.path.join(args.out_dir, 'final')}")
-    compute_cleanup()
-    return metrics
+    return run.finish(metrics)
+
+
+# -----------------------------------------------------------------------------
+# Data and validation plumbing
+
+
+def tokenize_examples(tokenizer, rows, max_length, eos_id):
+    """rows with `prompt` (chat messages) and `completion` (text) -> (ids (N, max_length), prompt_lens (N,)),
+    plus the number of examples whose answer was truncated. An example whose prompt alone fills the canvas is
+    dropped (counted as truncated). Each sequence: chat-templated prompt + answer + <|eot_id|>, then EOS up to
+    the end of the canvas."""
+    seqs, plens, truncated = [], [], 0
+    for r in rows:
+        p = tokenizer(tokenizer.apply_chat_template(r["prompt"], tokenize=False),
+                      add_special_tokens=False)["input_ids"]
+        a = tokenizer(r["completion"] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
+        if len(p) + len(a) > max_length:
+            truncated += 1
+            if len(p) >= max_length:
+                continue
+            a = a[:max_length - len(p)]
+        seqs.append(p + a + [eos_id] * (max_length - len(p) - len(a)))
+        plens.append(len(p))
+    if not seqs:
+        raise ValueError(f"every example's prompt is longer than --max-length {max_length}")
+    return torch.tensor(seqs), torch.tensor(plens), truncated
+
+
+def tokenized_split(cfg, tok, eos_id):
+    """((ids, prompt lens), (validation ids, prompt lens)) of the config's task, truncation reported."""
+    rows, held = sft_split(cfg.task, cfg.data_path, cfg.prompt_style, cfg.train_n, cfg.eval_n, cfg.eval_frac,
+                           cfg.seed, cfg.blanks, cfg.sudoku_answers)
+    ids, plens, n_trunc = tokenize_examples(tok, rows, cfg.max_length, eos_id)
+    val_ids, val_plens, _ = tokenize_examples(tok, held, cfg.max_length, eos_id)
+    if n_trunc:
+        print0(f"{n_trunc} of {len(rows)} training examples are longer than --max-length {cfg.max_length} and lose "
+               f"the end of their answer")
+    return (ids, plens), (val_ids, val_plens)
+
+
+def validation(cfg, model, ids, plens, device, autocast, rank, world):
+    """validate() -> the validation loss (also kept as validate.last); its cost is printed once."""
+    levels = noise_levels(cfg.eval_noise_levels)
+    print0(f"validation: {len(ids)} examples x {len(levels)} noise levels x {ids.shape[1]} tokens = "
+           f"{len(ids) * len(levels) * ids.shape[1]:,} forward tokens per evaluation, sharded over {world} rank(s)")
+
+    def validate():
+        validate.last = heldout_loss(model, ids, plens, model.cfg.mask_token_id, cfg.micro_batch_size * 4, device,
+                                     autocast, levels, rank, world)
+        return validate.last
+    return validate
+
+
+# -----------------------------------------------------------------------------
+# The recipe: d1's sft_train.py as it ran (LoRA r 128, alpha 256, dropout 0.05 on q/k/v; lr 1e-5, linear decay, no
+# warmup; weight decay 0.1; grad-norm 1.0; 1 example per device x 4 accumulation steps; 20 epochs; 4096 tokens; 1%
+# held out, evaluated every 100 steps, best checkpoint kept; seed 42). Every field is a flag (common.option).
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: str = shared("model", M.LLADA_HUB_ID)
+    preset: str = shared("preset", "auto")
+    adapter: str = shared("adapter", None)
+    dtype: str = shared("dtype", "auto")
+    device: str = shared("device", "auto")
+    lora_r: int = shared("lora_r", 128)
+    lora_alpha: float = shared("lora_alpha", 256.0)
+    lora_dropout: float = shared("lora_dropout", 0.05)
+    lora_targets: str = shared("lora_targets", "q_proj,k_proj,v_proj")
+    grad_ckpt: bool = shared("grad_ckpt", False)
+    force: bool = shared("force", False)
+
+    task: str = option("s1k", "s1k (d1's SFT data, from the hub or --data-path), or sudoku / countdown (this "
+                       "project's generators)", "data", choices=["s1k", "sudoku", "countdown"])
+    data_path: str = shared("data_path", None)
+    prompt_style: str = shared("prompt_style", "d1")
+    train_n: int = shared("train_n", None)
+    eval_n: int = option(None, "validation examples (default: --eval-frac of the set)", "data", type=int)
+    eval_frac: float = option(0.01, "validation fraction of the training set, when --eval-n is unset", "data")
+    blanks: tuple = shared("blanks", BLANKS)
+    max_length: int = option(4096, "the canvas in tokens: prompt + answer, EOS-padded", "data")
+
+    objective: str = option("sft", "LLaDA's SFT objective (only the answer is masked), its pre-training objective "
+                            "(every token maskable), or a 50/50 mix per sequence; validation always uses SFT's",
+                            "d1's algorithm", choices=["sft", "pretrain", "mix"])
+    eps: float = option(1e-3, "minimum masking probability: p = (1 - eps) t + eps", "d1's algorithm")
+    loss_norm: str = option("sequence", "sequence: each sequence's loss over its own answer length, averaged (LLaDA); "
+                            "batch: summed over the batch, over all its answer tokens (d1's sft_train.py; the same "
+                            "at d1's batch of 1 per device)", "d1's algorithm", choices=["sequence", "batch"])
+
+    epochs: float = option(20.0, "passes over the training set (unless --max-steps)", "optimisation")
+    max_steps: int = option(None, "optimizer steps in all (default: from --epochs)", "optimisation", type=int)
+    batch_size: int = option(None, "global batch: examples per optimizer step over all ranks (default: world size "
+                             "x --micro-batch-size x --grad-accum)", "optimisation", type=int)
+    micro_batch_size: int = option(1, "examples per forward pass per rank", "optimisation")
+    grad_accum: int = option(4, "micro-batches per rank per optimizer step, when --batch-size is unset",
+                             "optimisation")
+    lr: float = shared("lr", 1e-5)
+    lr_schedule: str = shared("lr_schedule", "linear")
+    warmup_steps: int = shared("warmup_steps", 0)
+    adam_betas: tuple = shared("adam_betas", (0.9, 0.999))
+    weight_decay: float = shared("weight_decay", 0.1)
+    max_grad_norm: float = shared("max_grad_norm", 1.0)
+    seed: int = shared("seed", 42)
+
+    out_dir: str = shared("out_dir", "out/sft")
+    eval_every: int = option(100, "validation loss every N steps (0 = only at the start and the end)",
+                             "run and checkpoints")
+    eval_noise_levels: int = option(5, "noise levels of the validation loss, (i + 0.5) / K for i < K: fewer is "
+                                    "cheaper and noisier", "run and checkpoints")
+    keep_best: bool = option(True, "export the weights of the best validation loss, not the last step's (keeps a "
+                             "CPU copy of the trainable weights)", "run and checkpoints")
+    patience: int = option(0, "early stopping: stop once the validation loss has not improved for this many "
+                           "evaluations; implies --keep-best (0 = off)", "run and checkpoints")
+    save_every: int = shared("save_every", 0)
+    resume: bool = shared("resume", False)
+    halt_after: int = shared("halt_after", None)
+    export: str = shared("export", "exact")
+    no_export: bool = shared("no_export", False)
+
+    sudoku_answers: str = option("solutions", "generated Sudoku: the SFT answer is the solution, or the puzzle with "
+                                 "every blank filled by a random digit (the format and the given cells, no Sudoku)",
+                                 "debugging probes", choices=["solutions", "random"])
+
+    def check(self, typed):
+        if self.sudoku_answers == "random" and self.task != "sudoku":
+            raise ValueError("--sudoku-answers random is for --task sudoku")
+        return self
+
+
+# The presets, applied under the flags you type. "tiny": the tiny model on a laptop CPU, full fine-tuning (it is
+# small), a canvas that fits the compact prompts, a learning rate and eps the tiny model learns with (eps 0.2 bounds
+# the 1/p weight at 5; with 1e-3 its gradients are too noisy to learn), and LLaDA's mixed objective so that the
+# model can go on to diffu-GRPO's masked prompts. "tiny sudoku" is the demo's SFT stage (runs/tiny_sudoku.sh):
+# 64 labelled puzzles with 3-6 blanks, a 46-token prompt + a 40-token answer region.
+PRESETS = {
+    "tiny": dict(task="sudoku", prompt_style="compact", lora_r=0, lora_dropout=0.0, max_length=256, eval_n=64,
+                 objective="mix", eps=0.2, max_steps=400, batch_size=32, micro_batch_size=32, lr=3e-3,
+                 lr_schedule="cosine", warmup_steps=50, weight_decay=0.0, seed=0, eval_every=50),
+    "tiny sudoku": dict(blanks=(3, 6), train_n=64, max_length=86),
+    "tiny countdown": dict(data_path="generate", train_n=2000, max_length=96),
+}
+
+
+def choose_presets(typed):
+    """The presets a command line calls for: none for d1's model, 'tiny' (+ its task's) for the tiny one."""
+    if common.model_scale(typed.get("model", SFTConfig.model), typed.get("preset", "auto")) != "tiny":
+        return []
+    task = typed.get("task", PRESETS["tiny"]["task"])
+    return ["tiny"] + ([f"tiny {task}"] if f"tiny {task}" in PRESETS else [])
+
+
+def get_config(argv=None):
+    """(SFTConfig, the presets applied) from the command line."""
+    cfg, names = parse_config(SFTConfig, argv, __doc__.split("\n\n")[0].strip() + "\n\n" + __doc__.split("\n\n")[1],
+                              PRESETS, choose_presets)
+    return replace(cfg, preset="tiny" if names else "d1"), names
+
+
+def get_args(argv=None):
+    """The resolved config (for tests and the fidelity ledger)."""
+    return get_config(argv)[0]
 
 
 if __name__ == "__main__":

@@ -46,16 +46,19 @@ TASKS = ("gsm8k", "math", "countdown", "sudoku", "s1k")
 EVAL_SIZE = {"countdown": 256, "sudoku": 256}  # d1 evaluates 256 items of each; GSM8K and MATH500 in full
 
 
+BLANKS = (6, 10)  # generated Sudoku's default blank cells per puzzle, uniform in [6, 10]
+
+
 def add_sudoku_args(ap):
-    """The generator's difficulty knob, shared by sft.py, diffu_grpo.py and eval.py (train and test must agree)."""
-    ap.add_argument("--blanks", type=int, nargs=2, default=[6, 10], metavar=("MIN", "MAX"),
-                    help="generated Sudoku: blank cells per puzzle, uniform in [MIN, MAX] (fewer = easier; a puzzle "
-                         "is solved only if every blank is right)")
+    """The generator's difficulty knob for eval.py (the trainers declare the same flag in their configs)."""
+    ap.add_argument("--blanks", type=int, nargs=2, default=list(BLANKS), metavar=("MIN", "MAX"),
+                    help=f"generated Sudoku: blank cells per puzzle, uniform in [MIN, MAX] (fewer = easier; a puzzle "
+                         f"is solved only if every blank is right; default: {BLANKS[0]} {BLANKS[1]})")
 
 
-def sudoku_kwargs(task, args):
-    """load_task keyword arguments from add_sudoku_args' flags (none for other tasks)."""
-    return dict(min_blanks=args.blanks[0], max_blanks=args.blanks[1]) if task == "sudoku" else {}
+def sudoku_kwargs(task, blanks):
+    """load_task keyword arguments from --blanks (none for other tasks)."""
+    return dict(min_blanks=blanks[0], max_blanks=blanks[1]) if task == "sudoku" else {}
 
 
 def user(content):
@@ -191,3 +194,53 @@ def load_task(name, split="train", data_path=None, style="d1", n=None, seed=0, p
         ds = ds.select(range(n))
     fn = ROW[name]
     return ds.map(lambda r: fn(r, style, purpose), remove_columns=ds.column_names)
+
+
+# ----------------------------------------------------------------------------- SFT's training / validation split
+
+
+def sft_split(task, data_path, style, train_n, eval_n, eval_frac, seed, blanks=BLANKS, sudoku_answers="solutions"):
+    """(training rows, validation rows) for sft.py. Validation rows never come from the test split: the validation
+    loss picks the model (--keep-best, --patience) and evaluation must not. They are the tail of the training rows
+    (eval_n of them, or eval_frac of the set when eval_n is None; d1: 1% of s1K), except for generated Sudoku, where
+    they are fresh puzzles on training-split grids that no labelled puzzle uses (a puzzle on a memorised grid would
+    flatter the loss)."""
+    sudoku = task == "sudoku" and data_path in (None, "generate")
+    if eval_n is None and train_n is not None:
+        eval_n = max(1, round(eval_frac * train_n))
+    n_total = None if train_n is None else train_n + (0 if sudoku else eval_n)
+    kw = sudoku_kwargs(task, blanks)
+    rows = load_task(task, "train", data_path, style, n=n_total, seed=seed, **kw)
+    if sudoku_answers == "random":
+        rows = random_fill_answers(rows, seed, style)
+    if eval_n is None:
+        eval_n = max(1, round(eval_frac * len(rows)))
+    if not sudoku:
+        return rows.select(range(len(rows) - eval_n)), rows.select(range(len(rows) - eval_n, len(rows)))
+    held = sudoku_validation(rows, eval_n, style, seed, kw)
+    return rows, random_fill_answers(held, seed + 1, style) if sudoku_answers == "random" else held
+
+
+def sudoku_validation(rows, n, style, seed, kw):
+    """n generated Sudoku puzzles on training-split grids that none of `rows` uses; when the labelled set uses every
+    training grid, new puzzles of seen grids instead (said so)."""
+    seen, labelled = set(rows["solution"]), set(rows["puzzle"])
+    pool = load_task("sudoku", "train", None, style, n=max(1000, 20 * n), seed=seed + 1_000_003, **kw)
+    held = pool.filter(lambda r: r["solution"] not in seen)
+    if len(held) < n:
+        if os.environ.get("RANK", "0") == "0":  # once per torchrun launch
+            print(f"note: the {len(rows)} labelled puzzles use {len(seen)} grids, leaving too few for validation; "
+                  f"validating on new puzzles of seen grids", flush=True)
+        held = pool.filter(lambda r: r["puzzle"] not in labelled)
+    return held.select(range(min(n, len(held))))
+
+
+def random_fill_answers(rows, seed, style):
+    """Sudoku rows whose SFT answer is the puzzle with each blank ('0') replaced by a random digit 1-4 (seeded):
+    the answer's format and its given cells are right, its blank cells carry no information about the solution
+    (sft.py --sudoku-answers random: SFT that teaches the format and no Sudoku, like d1's s1K)."""
+    import random
+    rng = random.Random(seed)
+    fill = lambda p: "".join(str(rng.randint(1, 4)) if ch == "0" else ch for ch in p)
+    texts = [completion_text(fill(p), style) for p in rows["puzzle"]]
+    return rows.remove_columns("completion").add_column("completion", texts)

@@ -18,7 +18,8 @@
 # and gives another table inside the spread that runs/tiny_sudoku_sweep.sh measures (README).
 # Environment knobs (the slow test and the sweep use them): OUT, SEED, SFT_N, SFT_STEPS, RL_BATCHES, CONT_STEPS,
 # EVAL_N, PORT.
-# Choices for the tiny model (measured, see docs/):
+# The trainers' tiny presets (PRESETS in sft.py and diffu_grpo.py, applied to --model tiny and to its exports) ARE
+# this recipe; the commands below write only what differs from them. Choices for the tiny model (measured, see docs/):
 #  - puzzles with 3-6 blanks (--blanks 3 6): with d1-sized 6-10 blanks every tiny model solves 0-2% of puzzles;
 #  - one-step generation (--steps 1 over the whole answer) for rollouts AND evaluation: there the one-step
 #    log-prob estimator IS the sampler's likelihood, so RL optimises exactly the policy that is scored;
@@ -36,32 +37,27 @@ CONT_STEPS=${CONT_STEPS:-450}  # SFT-continued steps (about the RL stage's wall-
 EVAL_N=${EVAL_N:-512}
 PY=${PYTHON:-python3}
 mkdir -p $OUT
-TASK="--task sudoku --prompt-style compact --blanks 3 6"
 # The compact prompt is 46 tokens and the answer "<answer>DDDDDDDDDDDDDDDD</answer>" 33, so SFT's canvas is
 # 46 + 40 = 86 tokens: an answer region of 40 (the rest EOS), the same 40 that RL and evaluation generate.
+TASK="--task sudoku --prompt-style compact --blanks 3 6"   # for eval.py, which has no presets
 ONE_STEP="--gen-length 40 --block-length 40 --steps 1"
 
 echo "== 1. SFT on $SFT_N labelled puzzles"
 t0=$SECONDS
-$PY sft.py --model tiny $TASK --max-length 86 --train-n $SFT_N --eval-n 64 \
-  --batch-size 32 --micro-batch-size 32 --max-steps $SFT_STEPS --lr 3e-3 --warmup-steps 50 --eval-every 50 \
-  --keep-best --eps 0.2 --objective mix --seed $SEED --out-dir $OUT/sft
+$PY sft.py --model tiny --task sudoku --train-n $SFT_N --max-steps $SFT_STEPS --seed $SEED --out-dir $OUT/sft
 t_sft=$((SECONDS - t0))
 
 echo "== 2. diffu-GRPO from the SFT model, 2 processes, fresh puzzles, reward only"
 t0=$SECONDS
 OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29533} diffu_grpo.py \
-  --model $OUT/sft/final $TASK --data-seed $((SEED + 1)) $ONE_STEP --temperature 1.0 --lora-r 0 \
-  --beta 0.04 --p-mask-prompt 0.15 --num-iterations 2 --num-generations 8 --prompts-per-step 8 --lr 3e-4 \
-  --max-grad-norm 1.0 --weight-decay 0 --micro-batch-size 64 --max-steps $((RL_BATCHES * 2)) --seed $SEED \
+  --model $OUT/sft/final --task sudoku --data-seed $((SEED + 1)) --max-steps $((RL_BATCHES * 2)) --seed $SEED \
   --sample-every 0 --out-dir $OUT/grpo
 t_rl=$((SECONDS - t0))
 
 echo "== 3. control: SFT continued on the same labelled set"
 t0=$SECONDS
-$PY sft.py --model $OUT/sft/final $TASK --max-length 86 --train-n $SFT_N --eval-n 64 \
-  --batch-size 32 --micro-batch-size 32 --max-steps $CONT_STEPS --lr 3e-4 --lr-schedule constant --warmup-steps 0 \
-  --eval-every 0 --eps 0.2 --objective mix --seed $((SEED + 1)) --lora-r 0 --out-dir $OUT/sft_cont
+$PY sft.py --model $OUT/sft/final --task sudoku --train-n $SFT_N --max-steps $CONT_STEPS --lr 3e-4 \
+  --lr-schedule constant --warmup-steps 0 --eval-every 0 --no-keep-best --seed $((SEED + 1)) --out-dir $OUT/sft_cont
 t_cont=$((SECONDS - t0))
 
 echo "== 4. held-out evaluation (greedy, then sampled as in the rollouts)"

@@ -125,9 +125,9 @@ def test_blanks_flag_reaches_the_generator_for_sudoku_only():
     ap = argparse.ArgumentParser()
     add_sudoku_args(ap)
     args = ap.parse_args(["--blanks", "3", "4"])
-    assert sudoku_kwargs("countdown", args) == {}
-    rows = load_task("sudoku", "test", style="compact", n=40, **sudoku_kwargs("sudoku", args))
+    assert sudoku_kwargs("countdown", args.blanks) == {}
+    rows = load_task("sudoku", "test", style="compact", n=40, **sudoku_kwargs("sudoku", args.blanks))
     assert {r["puzzle"].count("0") for r in rows} == {3, 4}
     default = ap.parse_args([])
-    rows = load_task("sudoku", "test", style="compact", n=40, **sudoku_kwargs("sudoku", default))
+    rows = load_task("sudoku", "test", style="compact", n=40, **sudoku_kwargs("sudoku", default.blanks))
     assert min(r["puzzle"].count("0") for r in rows) >= 6 and max(r["puzzle"].count("0") for r in rows) <= 10

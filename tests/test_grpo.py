@@ -12,7 +12,7 @@ from conftest import launch
 TINY_RL = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
            "--gen-length", "32", "--block-length", "16", "--steps", "8", "--num-generations", "3",
            "--prompts-per-step", "1", "--micro-batch-size", "3", "--lora-r", "4", "--lr", "1e-3",
-           "--sample-every", "0"]
+           "--sample-every", "0", "--preset", "d1"]  # d1's values for every flag not given, on the tiny model
 
 
 def test_prompt_mask_patterns_rate_padding_and_freshness():
@@ -293,7 +293,7 @@ def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monk
                      "--gen-length", "16", "--block-length", "16", "--steps", "1", "--temperature", "1.0",
                      "--num-generations", "8", "--prompts-per-step", "4", "--micro-batch-size", "32", "--lora-r", "0",
                      "--lr", "1e-3", "--num-iterations", "2", "--max-steps", "40", "--beta", "0.04",
-                     "--p-mask-prompt", "0.15", "--sample-every", "0", "--no-export", "--seed", "0",
+                     "--p-mask-prompt", "0.15", "--sample-every", "0", "--no-export", "--seed", "0", "--preset", "d1",
                      "--out-dir", str(tmp_path)])
     after = expected_reward(policy.model)
     assert after > before + 0.02 and after > 3 * before, (before, after)
@@ -302,9 +302,9 @@ def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monk
 def test_resume_continues_exactly_and_rollouts_do_not_depend_on_the_global_rng(tmp_path):
     """Rollout noise and mask patterns come from generators seeded by (seed, rank, batch), so a run halted after
     two rollout batches and resumed from its checkpoint exports exactly the weights of an uninterrupted run."""
-    args = TINY_RL + ["--num-iterations", "2", "--max-steps", "8", "--save-every", "2", "--p-mask-prompt", "0.3"]
+    args = TINY_RL + ["--num-iterations", "2", "--max-steps", "8", "--save-every", "4", "--p-mask-prompt", "0.3"]
     D.main(args + ["--out-dir", str(tmp_path / "straight")])
-    D.main(args + ["--out-dir", str(tmp_path / "halted"), "--halt-after", "2"])
+    D.main(args + ["--out-dir", str(tmp_path / "halted"), "--halt-after", "4"])
     assert not (tmp_path / "halted" / "final").exists()
     torch.manual_seed(12345)  # a different global RNG state must not matter
     D.main(args + ["--out-dir", str(tmp_path / "halted"), "--resume"])

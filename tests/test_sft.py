@@ -8,10 +8,19 @@ import common
 import model as M
 import sft
 from conftest import launch
+from data import sft_split
 
 TINY_SFT = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
             "--train-n", "64", "--eval-n", "16", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
-            "--warmup-steps", "2", "--eval-every", "0"]
+            "--warmup-steps", "2", "--objective", "sft", "--eps", "0.001", "--no-keep-best", "--blanks", "6", "10",
+            "--eval-every", "0"]  # the tiny preset's objective, eps, keep-best and blanks replaced: a plain SFT run
+
+
+def load_split(argv):
+    """sft.py's (training rows, validation rows) for a command line."""
+    c = sft.get_args(argv)
+    return sft_split(c.task, c.data_path, c.prompt_style, c.train_n, c.eval_n, c.eval_frac, c.seed, c.blanks,
+                     c.sudoku_answers)
 
 
 def test_loss_equals_a_hand_computation_prompt_never_masked_eos_padding_counted(tiny):
@@ -102,6 +111,7 @@ def test_a_short_tiny_sudoku_run_lowers_the_heldout_loss_substantially(tmp_path)
     metrics = sft.main(["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
                         "--train-n", "2000", "--eval-n", "32", "--batch-size", "16", "--micro-batch-size", "16",
                         "--lr", "2e-3", "--warmup-steps", "5", "--max-steps", "80", "--eval-every", "0",
+                        "--objective", "sft", "--eps", "0.001", "--no-keep-best", "--blanks", "6", "10",
                         "--out-dir", str(tmp_path), "--no-export"])
     first = json.loads(open(tmp_path / "metrics.jsonl").readline())
     assert first["step"] == 0
@@ -162,10 +172,10 @@ def test_sudoku_validation_puzzles_avoid_test_grids_and_labelled_grids():
     # uses would flatter it. Large labelled sets use every training grid: then only the puzzles themselves differ.
     from data.sudoku import split_grids
     train_grids, test_grids = split_grids()
-    rows, held = sft.load_data(sft.get_args(TINY_SFT))
+    rows, held = load_split(TINY_SFT)
     assert len(held) == 16 and not set(held["solution"]) & set(test_grids)
     assert set(held["solution"]) <= set(train_grids) and not set(held["solution"]) & set(rows["solution"])
-    rows, held = sft.load_data(sft.get_args(TINY_SFT + ["--train-n", "5000"]))
+    rows, held = load_split(TINY_SFT + ["--train-n", "5000"])
     assert len(set(rows["solution"])) == len(train_grids) and len(held) == 16
     assert not set(held["puzzle"]) & set(rows["puzzle"]) and not set(held["solution"]) & set(test_grids)
 
@@ -202,8 +212,7 @@ def test_objective_mix_gives_each_sequence_one_of_llada_s_two_objectives():
 
 
 def test_random_fill_answers_keep_the_givens_and_say_nothing_of_the_solution():
-    args = sft.get_args(TINY_SFT + ["--train-n", "400", "--sudoku-answers", "random"])
-    rows, held = sft.load_data(args)
+    rows, held = load_split(TINY_SFT + ["--train-n", "400", "--sudoku-answers", "random"])
     right = blanks = 0
     for r in list(rows) + list(held):
         grid = r["completion"][len("<answer>"):-len("</answer>")]
@@ -214,6 +223,8 @@ def test_random_fill_answers_keep_the_givens_and_say_nothing_of_the_solution():
             else:
                 blanks, right = blanks + 1, right + (g == s)
     assert 0.2 < right / blanks < 0.3  # blanks are right by chance only (1 in 4)
-    with pytest.raises(ValueError, match="--task sudoku"):
-        sft.load_data(sft.get_args(["--model", "tiny", "--task", "countdown", "--train-n", "8",
-                                    "--sudoku-answers", "random"]))
+
+def test_sudoku_answers_random_on_another_task_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        sft.get_args(["--model", "tiny", "--task", "countdown", "--sudoku-answers", "random"])
+    assert e.value.code == 2 and "--sudoku-answers random is for --task sudoku" in capsys.readouterr().err
