@@ -1,6 +1,8 @@
 """
 Benchmarks: where the time of a diffu-GRPO step goes, and how our sampler compares with a reference-style loop.
 
+    python bench.py --config cpu-small --temperature 0         # a few minutes on a laptop CPU
+
 Sections (each prints a markdown table; --out appends them to a file):
   sampler  - tokens/s and forward passes of: a reference-style sampler (LLaDA/d1's public loop: logits, softmax
              and, at temperature > 0, float64 Gumbel noise over the WHOLE canvas and vocabulary every step, and a
@@ -29,6 +31,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from common import HelpFormatter
 
 import diffu_grpo as D
 import memory as Mem
@@ -124,11 +128,13 @@ def bench_sampler(model, prompt, attn, args, device):
                           *timed(lambda: S.generate(model, prompt, attn, generator=g(), threshold=0.9,
                                                     prefix_cache=True, **kw), device))]
     for name, out, t in [("ours, exact", exact, t_exact)] + fast:
-        rows.append([name, out.forward_passes, out.full_passes, f"{t / out.forward_passes:.3f}", f"{t:.1f}", f"{B * L / t:.1f}",
+        rows.append([name, out.forward_passes, out.full_passes, f"{t / out.forward_passes:.3f}", f"{t:.1f}",
+                     f"{B * L / t:.1f}",
                      f"{t_ref_full / t:.2f}x", same if name == "ours, exact" else "-"])
     return table(f"Sampler: batch {B}, prompt {prompt.shape[1]}, gen {L}, block {args.block_length}, "
                  f"{args.steps} steps, temperature {args.temperature}",
-                 ["sampler", "forward passes", "full-canvas passes", "s / pass", "total s", "tokens/s", "speed-up", "same tokens (block 1+)"],
+                 ["sampler", "forward passes", "full-canvas passes", "s / pass", "total s", "tokens/s", "speed-up",
+                  "same tokens (block 1+)"],
                  rows)
 
 
@@ -185,7 +191,8 @@ def print_plan(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS), help="model size")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")

@@ -151,6 +151,17 @@ def model_scale(name, preset="auto"):
     return "d1"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of the scripts with hand-written parsers (sample.py, eval.py, bench.py): the description as written,
+    and each flag's default once, unless its help already says it or there is none (None, a switch)."""
+
+    def _get_help_string(self, action):
+        h, d = action.help or "", action.default
+        if "default:" in h or d is None or d is False or d == argparse.SUPPRESS or not action.option_strings:
+            return h
+        return h + f" (default: {' '.join(map(str, d)) if isinstance(d, (list, tuple)) else d})"
+
+
 def add_model_args(ap, default_model="tiny"):
     """The model flags of the scripts that do not train (sample.py, eval.py), with the same meaning as the
     trainers'."""
@@ -437,7 +448,8 @@ def export_model(path, model, tokenizer, meta=None, mode="exact"):
         return
     if M.has_lora(model):
         base_dtype = next(m.weight.dtype for m in model.modules() if isinstance(m, M.LoRALinear))
-        print0(f"export ({mode}): a merge into {base_dtype} would keep {100 * M.merge_survival(model, base_dtype):.1f}% "
+        kept = 100 * M.merge_survival(model, base_dtype)
+        print0(f"export ({mode}): a merge into {base_dtype} would keep {kept:.1f}% "
                f"of the LoRA update (the exported model keeps 100%)")
     with atomic_dir(path) as tmp:
         M.save_model(model, tmp, tokenizer, merge=mode == "merged")

@@ -1,6 +1,9 @@
 """
 Evaluation of the four d1 tasks, two protocols (--protocol):
 
+    python eval.py --model out/sft/final --protocol clean --task sudoku --prompt-style compact --blanks 3 6 \
+        --gen-length 40 --block-length 40 --steps 1            # the tiny SFT model on held-out puzzles
+
   d1     (default) what d1's evaluation runs, so numbers are comparable with the paper's table: d1's test items,
          subset and order (data/d1_eval.py: GSM8K and MATH500 in full, 256 of d1's Countdown and Sudoku files),
          d1's evaluation prompts verbatim with "<reasoning>" prefilled, greedy decoding, block 32,
@@ -237,7 +240,8 @@ def merge(out_dir, scoring):
 
 # What decides the generations. A rerun into an out-dir that holds generations skips the items already there (that
 # is how an interrupted run resumes), so those items must come from the same model and settings.
-RUN_KEYS = ("protocol", "model", "adapter", "dtype", "data_path", "prompt_style", "prefill", "data_seed", "blanks", "block_length",
+RUN_KEYS = ("protocol", "model", "adapter", "dtype", "data_path", "prompt_style", "prefill", "data_seed", "blanks",
+            "block_length",
             "steps", "temperature", "cfg_scale", "remasking", "threshold", "prefix_cache", "seed")
 
 
@@ -269,7 +273,7 @@ def get_args(argv=None):
         description="d1 evaluation: generate, score, summarise; or --rescore saved files. The default protocol is "
                     "d1's own (its test items, prompts, decoding and parser), because the point of evaluating a d1 "
                     "model is to compare with the paper's table; --protocol clean is the leak-free setup.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=common.HelpFormatter)
     add_model_args(ap)
     ap.add_argument("--protocol", default="d1", choices=["d1", "clean"],
                     help="d1: d1's items (GSM8K, MATH500 in full; 256 of d1's Countdown and Sudoku files), prompts, "

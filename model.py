@@ -1,6 +1,8 @@
 """
 LLaDA: a bidirectional transformer that predicts masked tokens (Nie et al., arXiv 2502.09992).
 
+    python model.py --model tiny            # build the tiny model, print its size and one forward pass
+
 This file is the whole model, readable top to bottom:
   1. LLaDAConfig   - the fields of the official config.json that matter (and a check for the ones we don't support)
   2. RMSNorm, RoPE, Block, LLaDA - the network; module names equal the official safetensors keys exactly
@@ -12,7 +14,6 @@ LLaDA is Llama without the causal mask: every position attends to every other po
 trained to predict the original token at every [MASK] position. Generation (sample.py) starts from an all-mask
 canvas and unmasks it over a number of steps.
 
-    python model.py --model tiny            # build the tiny model, print its size and one forward pass
     python model.py --model /path/to/LLaDA-8B-Instruct --dtype bfloat16 --device cuda
 """
 
@@ -52,7 +53,8 @@ class LLaDAConfig:
     mask_token_id: int = LLADA_MASK_ID
     eos_token_id: int = 126081
     pad_token_id: int = 126081
-    extra: dict = field(default_factory=dict, repr=False)  # other config.json fields, kept so a round trip loses nothing
+    # other config.json fields, kept so that a round trip loses nothing
+    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def head_dim(self):
@@ -265,7 +267,8 @@ def resolve_model_dir(name_or_path):
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
-        raise ValueError(f"--model {name_or_path!r} is a file; pass the checkpoint DIRECTORY (config.json + safetensors)")
+        raise ValueError(f"--model {name_or_path!r} is a file; pass the checkpoint DIRECTORY "
+                         f"(config.json + safetensors)")
     if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:  # a path, not an org/name id
         raise FileNotFoundError(f"--model {name_or_path!r}: no such directory (a local checkpoint directory, or a hub "
                                 "id such as GSAI-ML/LLaDA-8B-Instruct)")
@@ -314,7 +317,8 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
         raise KeyError(f"{model_dir}: checkpoint keys do not match the LLaDA architecture of its config.json.\n"
-                       f"  missing ({len(missing)}): {missing[:10]}\n  unexpected ({len(unexpected)}): {unexpected[:10]}")
+                       f"  missing ({len(missing)}): {missing[:10]}\n"
+                       f"  unexpected ({len(unexpected)}): {unexpected[:10]}")
     for shard in sorted(shards):
         sd = load_file(os.path.join(model_dir, shard), device=str(device))
         sd = {k: v.to(dtype) for k, v in sd.items()}
@@ -581,7 +585,8 @@ def load_lora(model, path):
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|eot_id|>"]
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                 "{{ m['content'] | trim }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n{{ '' }}")
+                 "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n{{ '' }}")
 # (the final {{ '' }} stops Jinja from dropping the template's trailing newline)
 
 
@@ -640,9 +645,9 @@ def build(name_or_path, dtype=torch.float32, device="cpu", seed=0):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Build or load a LLaDA model and run one forward pass.")
     ap.add_argument("--model", default="tiny", help="'tiny' (random, CPU-sized), a local checkpoint directory, "
-                                                    f"or a hub id such as {LLADA_HUB_ID}")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+                                                    f"or a hub id such as {LLADA_HUB_ID} (default: tiny)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: float32)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     args = ap.parse_args()
     model, tok = build(args.model, getattr(torch, args.dtype), args.device)
     text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False)

@@ -2,6 +2,8 @@
 The masked diffusion sampler of LLaDA (Nie et al., arXiv 2502.09992, Sec. 2.4 and App. B), batched, padding-correct,
 and with an opt-in fast mode (Fast-dLLM, arXiv 2505.22618).
 
+    python sample.py --model tiny --prompt "sudoku 1030020040000301"      # any model: tiny, a local export, a hub id
+
 Generation is the reverse of the forward masking process. The canvas starts as
     x_1 = [prompt ; MASK * gen_length]
 and is unmasked over `steps` denoising steps. At each step the mask predictor sees the whole canvas
@@ -19,7 +21,7 @@ only the work the semantics need:
 Fast mode (off by default) changes the outputs: it commits every proposal above a confidence threshold, and/or
 reuses the keys/values of everything before the current block (prefix KV cache).
 
-    python sample.py --model tiny --prompt "What is 2+2?" --prompt "Name a colour."
+    python sample.py --model out/sft/final --prompt "sudoku 1030020040000301" --gen-length 40 --block-length 40
     python sample.py --model GSAI-ML/LLaDA-8B-Instruct --prompt "..." --gen-length 256 --steps 128 --device cuda
 """
 
@@ -306,14 +308,15 @@ def sampling_kwargs(args):
 if __name__ == "__main__":
     import time
 
-    from common import add_model_args, setup_model
+    from common import HelpFormatter, add_model_args, setup_model
 
-    ap = argparse.ArgumentParser(description="Generate with LLaDA's masked diffusion sampler.")
+    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=HelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--prompt", action="append", default=None,
-                    help="user message (repeat the flag for several prompts; they are batched together)")
+    g = ap.add_argument_group("prompts")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="user message; repeat the flag for several prompts, batched together (default: two examples)")
     add_sampling_args(ap)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (with --temperature > 0)")
     args = ap.parse_args()
     model, tok, device = setup_model(args)
     prompts = args.prompt or ["What is 2+2?", "Write the digits 1 to 4."]

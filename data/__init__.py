@@ -125,7 +125,9 @@ def s1k_row(r, style, purpose):
 
 def completion_text(answer, style):
     """SFT target text for generated tasks (no reasoning trace exists for them)."""
-    return f"<answer>{answer}</answer>" if style == "compact" else f"<reasoning>\n</reasoning>\n<answer>\n{answer}\n</answer>"
+    if style == "compact":
+        return f"<answer>{answer}</answer>"
+    return f"<reasoning>\n</reasoning>\n<answer>\n{answer}\n</answer>"
 
 
 ROW = {"gsm8k": gsm8k_row, "math": math_row, "countdown": countdown_row, "sudoku": sudoku_row, "s1k": s1k_row}

@@ -34,7 +34,7 @@ OFFICIAL_TINY_CONFIG = {
 
 
 def official_keys(cfg):
-    """The key list of llada.md, written out independently of model.py's module names."""
+    """The official checkpoint's key list (LLaDA's released model), written out independently of model.py's module names."""
     D, hd, H, Hkv, F, V = cfg["d_model"], cfg["d_model"] // cfg["n_heads"], cfg["n_heads"], cfg["n_kv_heads"], \
         cfg["mlp_hidden_size"], cfg["embedding_size"]
     shapes = {"model.transformer.wte.weight": (V, D), "model.transformer.ln_f.weight": (D,)}

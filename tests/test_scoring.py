@@ -66,7 +66,7 @@ def test_sudoku_scoring_fallback_chain():
     assert r["correct_cells"] == r["blank_cells"] == p.count("0") and r["correct"]
 
 # -----------------------------------------------------------------------------
-# d1's parser against hand-worked cases (each traced through d1_eval.md's description by hand)
+# d1's parser against hand-worked cases (each traced by hand through d1's parse_and_get_acc.py logic)
 
 
 @pytest.mark.parametrize("text,answer,expected", [

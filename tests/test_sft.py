@@ -181,7 +181,7 @@ def test_sudoku_validation_puzzles_avoid_test_grids_and_labelled_grids():
 
 
 def test_pretraining_objective_masks_the_prompt_too_and_normalises_by_the_whole_length(tiny):
-    # LLaDA's pre-training objective (llada.md): every token maskable, sum of CE / p over masked positions, divided
+    # LLaDA's pre-training objective (its paper's Eq. 3): every token maskable, sum of CE / p over masked positions, divided
     # by the sequence length. sft_loss gives it when the maskable part starts at 0.
     mask_id, eos = tiny.cfg.mask_token_id, tiny.cfg.eos_token_id
     ids = torch.tensor([[10, 11, 12, 20, 21, eos, eos, eos]])
