@@ -281,6 +281,9 @@ def main(argv=None):
     print0(f"diffu-GRPO on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per rollout "
            f"batch x G={cfg.num_generations}, mu={mu}, beta={cfg.beta}, eps={cfg.epsilon}, p_mask={cfg.p_mask_prompt}, "
            f"T={cfg.temperature} | {sum(p.numel() for p in params):,} trainable params | world {world}")
+    if cfg.model == "tiny" and not cfg.adapter:
+        print0("note: --model tiny is a random model, which earns no reward on d1's tasks (it never writes the "
+               "answer format); start RL from an SFT export: python sft.py --model tiny, then --model out/sft/final")
     run = Run(cfg, model, tok, opt, sched, params, cfg.max_steps, "diffu-grpo", stride=mu)
     for step in run.steps():
         t0, b = time.perf_counter(), step // mu - 1  # b: the rollout batch that ends at this optimizer step

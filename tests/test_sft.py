@@ -47,6 +47,30 @@ def test_loss_equals_a_hand_computation_prompt_never_masked_eos_padding_counted(
     torch.testing.assert_close(got.item(), want / 2, rtol=1e-5, atol=1e-6)
 
 
+def test_loss_norm_batch_is_d1s_sum_over_all_answer_tokens_and_equals_ours_at_batch_one(tiny):
+    # d1's sft_train.py: sum over the batch of CE / p on masked answer tokens, divided by the batch's answer tokens.
+    mask_id, eos = tiny.cfg.mask_token_id, tiny.cfg.eos_token_id
+    ids = torch.tensor([[10, 11, 12, 20, 21, eos, eos, eos],
+                        [10, 11, 12, 13, 14, 15, 30, eos]])
+    plens, t = torch.tensor([2, 6]), torch.tensor([0.6, 0.9])  # answer lengths 6 and 2
+    u = torch.rand(2, 8, generator=torch.Generator().manual_seed(2))
+    sums, lens = [], [6, 2]
+    for b in range(2):  # each sequence's sum of CE / p by hand
+        p = (1 - 1e-3) * t[b].item() + 1e-3
+        masked = [i for i in range(8) if i >= plens[b] and u[b, i] < p]
+        noisy = ids[b].clone()
+        noisy[masked] = mask_id
+        logp = F.log_softmax(tiny(noisy[None])[0], -1)
+        sums.append(sum(-logp[i, ids[b, i]].item() / p for i in masked))
+    assert all(sums)
+    got = sft.sft_loss(tiny, ids, plens, mask_id, t, u, norm="batch").item()
+    assert got == pytest.approx((sums[0] + sums[1]) / 8, rel=1e-5)
+    ours = sft.sft_loss(tiny, ids, plens, mask_id, t, u).item()
+    assert ours == pytest.approx((sums[0] / 6 + sums[1] / 2) / 2, rel=1e-5) and abs(ours - got) > 1e-3
+    one = [sft.sft_loss(tiny, ids[:1], plens[:1], mask_id, t[:1], u[:1], norm=n).item() for n in ("sequence", "batch")]
+    assert one[0] == pytest.approx(one[1], rel=1e-6)
+
+
 def test_tokenize_examples_pads_with_eos_and_counts_truncation(tok):
     rows = [{"prompt": [{"role": "user", "content": "hi"}], "completion": "abc"},
             {"prompt": [{"role": "user", "content": "hi"}], "completion": "x" * 100}]
