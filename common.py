@@ -85,6 +85,27 @@ def shared(name, default):
     return option(default, help, group, **(kw[0] if kw else {}))
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """The fields sft.py's and diffu_grpo.py's configs share, with the same default in both; each trainer's config
+    (SFTConfig, GRPOConfig) adds its own."""
+    model: str = shared("model", M.LLADA_HUB_ID)
+    preset: str = shared("preset", "auto")
+    adapter: str = shared("adapter", None)
+    dtype: str = shared("dtype", "auto")
+    device: str = shared("device", "auto")
+    grad_ckpt: bool = shared("grad_ckpt", False)
+    force: bool = shared("force", False)
+    data_path: str = shared("data_path", None)
+    prompt_style: str = shared("prompt_style", "d1")
+    train_n: int = shared("train_n", None)
+    save_every: int = shared("save_every", 0)
+    resume: bool = shared("resume", False)
+    halt_after: int = shared("halt_after", None)
+    export: str = shared("export", "exact")
+    no_export: bool = shared("no_export", False)
+
+
 def _show(v):
     return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
 

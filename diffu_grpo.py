@@ -239,20 +239,25 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, cfg, world, gens, autoc
     metrics local to this rank (main all-reduces them for logging)."""
     model, G, mu = policy.model, cfg.num_generations, cfg.num_iterations
     timings, t0 = {}, time.perf_counter()
-    rows = [r for r in batch_rows for _ in range(G)]  # every prompt G times: one group each
-    prompt_ids, prompt_attn, n_cut = encode_rollout_prompts(tok, rows, cfg.max_prompt_length, device)
+    rows = [r for r in batch_rows for _ in range(G)]  # every prompt G times: N = prompts x G rows, one group each
+    prompt_ids, prompt_attn, n_cut = encode_rollout_prompts(tok, rows, cfg.max_prompt_length, device)  # (N, P)
+    # 1. Rollouts: completion (N, L) token ids, cmask (N, L) 1.0 up to and including the first EOS.
     completion, cmask = rollout(model, prompt_ids, prompt_attn, sampling_kwargs(cfg), gens["rollout"], autocast,
-                                cfg.rollout_mode == "train")  # 1.
+                                cfg.rollout_mode == "train")
     timings["rollout"] = time.perf_counter() - t0
+    # 2. Rewards on the decoded text, then group advantages: total (N,), adv (N,), zero mean within each group.
     texts = decode_completions(tok, completion, model.cfg.eos_token_id)
-    total, adv, per_fn = score_rollouts(rows, texts, reward_functions(cfg), G, cfg.scale_rewards)  # 2.
-    patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)  # 3. (mu, N, P)
+    total, adv, per_fn = score_rollouts(rows, texts, reward_functions(cfg), G, cfg.scale_rewards)
+    # 3. mu prompt-mask patterns (mu, N, P), drawn once: update j, its old and its ref pass all use pattern j.
+    patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)
+    # 4. old and ref log-probs (mu, N, L) each, before the weights move (None where they are not needed).
     old, ref = old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, cfg.beta,
-                                 cfg.logp_batch_size or cfg.micro_batch_size, autocast, timings)  # 4.
+                                 cfg.logp_batch_size or cfg.micro_batch_size, autocast, timings)
+    # 5. mu optimizer steps on the clipped surrogate + beta * KL.
     t0 = time.perf_counter()
     sums = inner_updates(model, opt, sched, params, (prompt_ids, prompt_attn, completion, adv.to(device), cmask),
                          patterns, old, ref, epsilon=cfg.epsilon, beta=cfg.beta, micro_batch=cfg.micro_batch_size,
-                         max_grad_norm=cfg.max_grad_norm, world=world, autocast=autocast)  # 5.
+                         max_grad_norm=cfg.max_grad_norm, world=world, autocast=autocast)
     timings["update"] = time.perf_counter() - t0
     if n_cut:
         warn_once("prompt cut", f"{n_cut} of {len(rows)} prompts are longer than --max-prompt-length "
@@ -379,25 +384,17 @@ def sampler_option(name, default):
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    model: str = shared("model", M.LLADA_HUB_ID)
-    preset: str = shared("preset", "auto")
-    adapter: str = shared("adapter", None)
-    dtype: str = shared("dtype", "auto")
-    device: str = shared("device", "auto")
+class GRPOConfig(common.TrainerConfig):
+    # Inherited from common.TrainerConfig, the same in both trainers: model, preset, adapter, dtype, device,
+    # grad_ckpt, force, data_path, prompt_style, train_n, save_every, resume, halt_after, export, no_export.
     lora_r: int = option(128, "LoRA rank; 0 = full fine-tuning, with a frozen copy of the start as the reference",
                          "model")
     lora_alpha: float = shared("lora_alpha", 64.0)
     lora_dropout: float = shared("lora_dropout", 0.05)
     lora_targets: str = shared("lora_targets", "d1")
-    grad_ckpt: bool = shared("grad_ckpt", False)
-    force: bool = shared("force", False)
 
     task: str = option("sudoku", "the task: its training prompts and d1's reward functions", "data",
                        choices=sorted(REWARDS))
-    data_path: str = shared("data_path", None)
-    prompt_style: str = shared("prompt_style", "d1")
-    train_n: int = shared("train_n", None)
     data_seed: int = option(None, "seed of the generated training set (Sudoku, Countdown; default: --seed); "
                             "another value than SFT's trains RL on puzzles SFT never saw", "data", type=int)
     blanks: tuple = shared("blanks", BLANKS)
@@ -441,11 +438,6 @@ class GRPOConfig:
     out_dir: str = shared("out_dir", "out/grpo")
     sample_every: int = option(80, "print two decoded rollouts every N optimizer steps (0 = never)",
                                "run and checkpoints")
-    save_every: int = shared("save_every", 0)
-    resume: bool = shared("resume", False)
-    halt_after: int = shared("halt_after", None)
-    export: str = shared("export", "exact")
-    no_export: bool = shared("no_export", False)
 
     rollout_mode: str = option("eval", "module mode of the rollouts and the old/ref passes. eval: no LoRA dropout, "
                                "so the first inner update's ratio is exactly 1; train: dropout on, as d1's trainer "
@@ -468,7 +460,7 @@ class GRPOConfig:
 # d1's per-task values (train.yaml; max_steps: the optimizer step of the checkpoint d1 reports, rounded up to whole
 # rollout batches), then the tiny laptop recipe: the demo's RL stage (runs/tiny_sudoku.sh) with one-step rollouts
 # (the whole answer in one denoising step, where the one-step estimator IS the sampler's likelihood), full
-# fine-tuning of the tiny model, and 20 rollout batches (about a minute on 2 cores).
+# fine-tuning of the tiny model, and 60 rollout batches (about a minute on 2 cores).
 PRESETS = {
     "gsm8k": dict(num_iterations=12, temperature=0.9, max_steps=7704),
     "math": dict(num_iterations=12, temperature=0.9, max_steps=6600),
@@ -476,7 +468,7 @@ PRESETS = {
     "sudoku": dict(num_iterations=8, temperature=0.3, max_steps=3800),
     "tiny": dict(prompt_style="compact", lora_r=0, gen_length=40, block_length=40, steps=1, temperature=1.0,
                  num_generations=8, prompts_per_step=8, num_iterations=2, lr=3e-4, max_grad_norm=1.0,
-                 weight_decay=0.0, micro_batch_size=64, max_steps=40, sample_every=10),
+                 weight_decay=0.0, micro_batch_size=64, max_steps=120, sample_every=20),
     "tiny sudoku": dict(blanks=(3, 6)),
     "tiny countdown": dict(data_path="generate"),
 }

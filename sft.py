@@ -266,24 +266,16 @@ def validation(cfg, model, ids, plens, device, autocast, rank, world):
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    model: str = shared("model", M.LLADA_HUB_ID)
-    preset: str = shared("preset", "auto")
-    adapter: str = shared("adapter", None)
-    dtype: str = shared("dtype", "auto")
-    device: str = shared("device", "auto")
+class SFTConfig(common.TrainerConfig):
+    # Inherited from common.TrainerConfig, the same in both trainers: model, preset, adapter, dtype, device,
+    # grad_ckpt, force, data_path, prompt_style, train_n, save_every, resume, halt_after, export, no_export.
     lora_r: int = shared("lora_r", 128)
     lora_alpha: float = shared("lora_alpha", 256.0)
     lora_dropout: float = shared("lora_dropout", 0.05)
     lora_targets: str = shared("lora_targets", "q_proj,k_proj,v_proj")
-    grad_ckpt: bool = shared("grad_ckpt", False)
-    force: bool = shared("force", False)
 
     task: str = option("s1k", "s1k (d1's SFT data, from the hub or --data-path), or sudoku / countdown (this "
                        "project's generators)", "data", choices=["s1k", "sudoku", "countdown"])
-    data_path: str = shared("data_path", None)
-    prompt_style: str = shared("prompt_style", "d1")
-    train_n: int = shared("train_n", None)
     eval_n: int = option(None, "validation examples (default: --eval-frac of the set)", "data", type=int)
     eval_frac: float = option(0.01, "validation fraction of the training set, when --eval-n is unset", "data")
     blanks: tuple = shared("blanks", BLANKS)
@@ -321,11 +313,6 @@ class SFTConfig:
                              "CPU copy of the trainable weights)", "run and checkpoints")
     patience: int = option(0, "early stopping: stop once the validation loss has not improved for this many "
                            "evaluations; implies --keep-best (0 = off)", "run and checkpoints")
-    save_every: int = shared("save_every", 0)
-    resume: bool = shared("resume", False)
-    halt_after: int = shared("halt_after", None)
-    export: str = shared("export", "exact")
-    no_export: bool = shared("no_export", False)
 
     sudoku_answers: str = option("solutions", "generated Sudoku: the SFT answer is the solution, or the puzzle with "
                                  "every blank filled by a random digit (the format and the given cells, no Sudoku)",
