@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -69,7 +70,11 @@ SHARED = {
     "seed": ("seed of everything random: init (tiny), data order, noise, rollouts", "optimisation"),
     "out_dir": ("metrics.jsonl, checkpoint/ and the final export go here", "run and checkpoints"),
     "save_every": ("write a resumable checkpoint every N optimizer steps (0 = never)", "run and checkpoints"),
-    "resume": ("continue from OUT_DIR/checkpoint", "run and checkpoints"),
+    "save_minutes": ("also write one every N minutes of wall-clock (0 = never); SIGINT and SIGTERM always write one "
+                     "before the run exits", "run and checkpoints"),
+    "resume": ("continue the run in OUT_DIR from its checkpoint, with the same settings (a launch into a directory "
+               "that holds a run must say --resume or --overwrite)", "run and checkpoints"),
+    "overwrite": ("delete the run in OUT_DIR (metrics, checkpoint, export) and start over", "run and checkpoints"),
     "halt_after": ("stop after this optimizer step as if interrupted (checkpoint, no export); continue with "
                    "--resume", "run and checkpoints", dict(type=int)),
     "export": ("how OUT_DIR/final is written for a LoRA run. exact: base weights + adapter.safetensors, loaded back "
@@ -100,10 +105,34 @@ class TrainerConfig:
     prompt_style: str = shared("prompt_style", "d1")
     train_n: int = shared("train_n", None)
     save_every: int = shared("save_every", 0)
+    save_minutes: float = shared("save_minutes", 30.0)
     resume: bool = shared("resume", False)
+    overwrite: bool = shared("overwrite", False)
     halt_after: int = shared("halt_after", None)
     export: str = shared("export", "exact")
     no_export: bool = shared("no_export", False)
+
+
+def require(ok, message):
+    """A config check: a ValueError here becomes a usage error (parse_config)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_trainer(c):
+    """The checks both trainers' configs share: every count positive, every rate in its range."""
+    for name in ("lr", "max_grad_norm", "lora_alpha"):
+        require(getattr(c, name) > 0, f"--{name.replace('_', '-')} must be > 0, not {getattr(c, name)}")
+    for name in ("warmup_steps", "weight_decay", "lora_r", "save_every", "save_minutes"):
+        require(getattr(c, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, not {getattr(c, name)}")
+    for name in ("train_n", "halt_after", "max_steps", "micro_batch_size"):
+        v = getattr(c, name)
+        require(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0, not {v}")
+    require(all(0 <= b < 1 for b in c.adam_betas), f"--adam-betas must be in [0, 1), not {c.adam_betas}")
+    require(0 <= c.lora_dropout < 1, f"--lora-dropout must be in [0, 1), not {c.lora_dropout}")
+    lo, hi = c.blanks
+    require(1 <= lo <= hi <= 12, f"--blanks {lo} {hi}: need 1 <= MIN <= MAX <= 12 (a 4x4 puzzle with a unique "
+                                 f"solution keeps at least 4 givens)")
 
 
 def _show(v):
@@ -260,15 +289,83 @@ def make_optimizer(params, args, total_steps):
 
 
 def maybe_resume(args, model, opt, sched):
-    """With --resume, restore OUT_DIR/checkpoint into the model and optimizer; returns its meta (None without)."""
-    if not args.resume:
-        return None
+    """With --resume and a checkpoint (prepare_run_dir has checked it), restore OUT_DIR/checkpoint into the model
+    and optimizer; returns its meta, or None."""
     path = os.path.join(args.out_dir, "checkpoint")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if not args.resume or not os.path.isdir(path):
+        return None
     meta = load_checkpoint(path, model, opt, sched)
     print0(f"resumed from {path} at step {meta['step']}")
     return meta
+
+
+# -----------------------------------------------------------------------------
+# Run directories: what a launch may do with OUT_DIR
+
+RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "final", "final.old")
+# Settings that do not change what a run computes: they may differ between a run and its --resume.
+NOT_MATH = {"out_dir", "resume", "overwrite", "halt_after", "save_every", "save_minutes", "sample_every", "force",
+            "export", "no_export"}
+
+
+def prepare_run_dir(cfg):
+    """Called before any model or data is loaded. A launch into an OUT_DIR that holds a run must say what to do:
+    --resume continues it (exactly, or not at all: the checkpoint's settings must equal these), --overwrite
+    clears it. Returns nothing; raises a UsageError that says what is there and which flag to pass."""
+    out, ckpt, final = cfg.out_dir, os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "final")
+    if cfg.resume and cfg.overwrite:
+        raise M.UsageError("--resume continues the run in --out-dir and --overwrite deletes it: pass one of them")
+    if is_main():
+        recover(ckpt)
+        recover(final)
+    barrier()
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if held and not (cfg.resume or cfg.overwrite):
+        what = ("a finished run (final/)" if os.path.isdir(final) else
+                f"an unfinished run (checkpoint at step {read_meta(ckpt)['step']})" if os.path.isdir(ckpt) else
+                "a run that stopped before its first checkpoint (metrics.jsonl)")
+        raise M.UsageError(f"{out} holds {what}: pass --resume to continue it, --overwrite to start over, or "
+                           f"another --out-dir")
+    if cfg.overwrite and held and is_main():
+        for f in held:
+            p = os.path.join(out, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        print0(f"--overwrite: removed {', '.join(held)} from {out}")
+    if cfg.resume:
+        _check_resume(cfg, ckpt, final)
+    barrier()
+
+
+def _check_resume(cfg, ckpt, final):
+    """--resume: the checkpoint's settings must equal this launch's (NOT_MATH aside), else stop with the list.
+    metrics.jsonl is cut back to the checkpoint's step, so that every step is logged once."""
+    if os.path.isdir(final):  # the export is the last thing a run writes
+        print0(f"{cfg.out_dir}: the run is finished (final/ is written); nothing to resume")
+        raise SystemExit(0)
+    if not os.path.isdir(ckpt):
+        print0(f"--resume: no checkpoint in {cfg.out_dir} yet; starting from step 0")
+        step = 0
+    else:
+        meta = read_meta(ckpt)
+        was, now = meta.get("args", {}), config_dict(cfg)
+        diff = [f"--{k.replace('_', '-')} {was[k]} (checkpoint) vs {now[k]} (now)" for k in sorted(now)
+                if k in was and k not in NOT_MATH and was[k] != now[k]]
+        if diff:
+            raise M.UsageError(f"--resume: {ckpt} was written with other settings, so resuming would not continue "
+                               f"that run: {'; '.join(diff)}. Relaunch with its settings, or --overwrite")
+        step = meta["step"]
+    log = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if is_main() and os.path.exists(log):
+        keep = []
+        for line in open(log):
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):  # a line cut by a crash mid-write
+                pass
+        with open(log + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log + ".tmp", log)
 
 
 def make_trainable(model, args, targets):
@@ -308,9 +405,9 @@ def compute_init(device_spec="auto"):
 EXIT_AFTER_CLEANUP = False  # set by a script run from the command line (its `if __name__ == "__main__":`)
 
 
-def compute_cleanup():
+def compute_cleanup(exit_code=0):
     """The end of a distributed run: every rank waits at a barrier, so all work (the export included) is done.
-    A script run from the command line then ends its process at once with os._exit(0): on CPU a gloo worker has,
+    A script run from the command line then ends its process at once with os._exit(exit_code): on CPU a gloo worker has,
     rarely and only at interpreter teardown after a finished run, aborted in C++ with "terminate called without an
     active exception", failing a run whose results were all written. Called from Python (tests), it destroys the
     process group instead and returns."""
@@ -319,8 +416,13 @@ def compute_cleanup():
         if EXIT_AFTER_CLEANUP:
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
+            os._exit(exit_code)
         dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def is_main():
@@ -362,17 +464,59 @@ def broadcast_params(params, world):
 
 @contextlib.contextmanager
 def atomic_dir(final):
-    """Write a checkpoint into FINAL.tmp, then rename it into place: a crash mid-write never leaves a half-written
-    checkpoint under the final name (rename within one filesystem is atomic)."""
-    tmp = final.rstrip("/") + ".tmp"
+    """Write a directory (a checkpoint, the export) into FINAL.tmp, flush it to disk, then rename it into place.
+    A crash at any instant leaves a complete FINAL, or (between the two renames) a complete FINAL.old that
+    recover() puts back; never a half-written FINAL. fsync before the rename makes it survive a power cut too."""
+    final = final.rstrip("/")
+    tmp, old = final + ".tmp", final + ".old"
+    recover(final)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     yield tmp
-    old = final.rstrip("/") + ".old"
+    crash_point("write")  # (tests: a kill with half of FINAL.tmp written)
+    _fsync_tree(tmp)
     if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        crash_point("swap")  # (tests: a kill with only FINAL.old and FINAL.tmp on disk)
     os.replace(tmp, final)
+    _fsync(os.path.dirname(os.path.abspath(final)))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path):
+    """Undo the one instant of atomic_dir with no PATH on disk: a complete PATH.old is put back."""
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path):
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+_CRASHES = {}
+
+
+def crash_point(name):
+    """For the crash-safety tests only: with D1_CRASH_AT=NAME:K in the environment, the K-th time the program
+    passes point NAME ('write' or 'swap' inside atomic_dir, 'step' after a step is logged) it kills itself with
+    SIGKILL, as a power cut or the OOM killer would. Without the variable it does nothing."""
+    want = os.environ.get("D1_CRASH_AT")
+    if want and want.split(":")[0] == name:
+        _CRASHES[name] = _CRASHES.get(name, 0) + 1
+        if _CRASHES[name] == int(want.split(":")[1]) and is_main():
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class JsonlLog:
@@ -444,20 +588,38 @@ def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta, extra=No
 
 
 def load_checkpoint(path, model, optimizer, scheduler):
-    """Restore what save_checkpoint wrote into an already built model/optimizer/scheduler; returns meta."""
-    from safetensors.torch import load_file
+    """Restore what save_checkpoint wrote into an already built model/optimizer/scheduler; returns meta. A file
+    that cannot be read is named in the error."""
     if M.has_lora(model):
         M.load_lora(model, path)
     else:
         sd = {}
         for shard in M._checkpoint_shards(path):
-            sd.update(load_file(os.path.join(path, shard)))
+            sd.update(M.read_safetensors(os.path.join(path, shard)))
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in sd.items()})
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    state = read_torch(os.path.join(path, "trainer_state.pt"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
+    return read_meta(path)
+
+
+def read_torch(path):
+    """torch.load of a file this project wrote; a truncated or foreign file is a UsageError that names it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise M.UsageError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is truncated or "
+                           f"not a checkpoint of this project") from None
+
+
+def read_meta(path):
+    """DIR/meta.json as a dict, or a UsageError naming it."""
+    f = os.path.join(path, "meta.json")
+    try:
+        with open(f) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise M.UsageError(f"{f}: cannot be read ({e})") from None
 
 
 def export_model(path, model, tokenizer, meta=None, mode="exact"):
@@ -531,6 +693,11 @@ class Run:
             if run.end_step(step, metrics):
                 break
         run.finish()
+
+    Checkpoints (OUT_DIR/checkpoint, atomic) are written every --save-every steps, every --save-minutes of
+    wall-clock (rank 0's clock decides, so all ranks agree), at --halt-after, and when SIGINT or SIGTERM (what a
+    cluster scheduler sends before preemption) arrives: the current step finishes, a checkpoint is written, and the
+    run exits with 128 + the signal's number (common.Interrupted), on every rank together.
     """
 
     def __init__(self, cfg, model, tok, opt, sched, params, total_steps, desc, stride=1, keep_best=False,
@@ -541,18 +708,46 @@ class Run:
         meta = maybe_resume(cfg, model, opt, sched)
         self.start = meta["step"] if meta else 0
         extra = os.path.join(self.ckpt_dir, "extra.pt")
-        state = torch.load(extra, map_location="cpu")["best_state"] if meta and os.path.exists(extra) else None
+        state = read_torch(extra)["best_state"] if meta and os.path.exists(extra) else None
         self.best = BestWeights(params, keep_best, patience, meta and meta.get("early_stop"), state)
         self.log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
         self.params, self.halted, self.stop_early, self.bar = params, False, False, None
+        self.signal, self.last_save = 0, time.monotonic()
 
     def steps(self):
+        """The optimizer step count after each iteration, from the resumed step on; SIGINT and SIGTERM are caught
+        meanwhile (a second one acts at once)."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.bar = tqdm(total=self.total, initial=self.start, disable=not is_main(), desc=self.desc,
                         dynamic_ncols=True)
-        for step in range(self.start + self.stride, self.total + 1, self.stride):
-            yield step
-            self.bar.update(self.stride)
-        self.bar.close()
+        try:
+            for step in range(self.start + self.stride, self.total + 1, self.stride):
+                yield step
+                self.bar.update(self.stride)
+        finally:
+            self.bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _on_signal(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one is not caught
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint", file=sys.stderr, flush=True)
+
+    def _agree(self, *flags):
+        """The flags of all ranks combined (max), so that every rank saves and stops at the same step."""
+        if not dist.is_initialized():
+            return flags
+        t = torch.tensor(flags, dtype=torch.float64, device=self.params[0].device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(int(v) for v in t.tolist())
+
+    def save(self, step, metrics):
+        best = {"best_state": self.best.state} if self.best.state is not None else None
+        save_checkpoint(self.ckpt_dir, self.model, self.tok, self.opt, self.sched,
+                        {"step": step, "args": config_dict(self.cfg), "early_stop": self.best.record, **metrics},
+                        extra=best)
+        self.last_save = time.monotonic()
 
     def every(self, step, n):
         """True at the first step at or after each multiple of n (n = 0: never): with stride mu, a rollout batch
@@ -571,18 +766,24 @@ class Run:
                                        {k: v for k, v in metrics.items() if k in shown}))
             for line in lines:
                 self.bar.write(line)
-        if self.every(step, self.cfg.save_every):
-            best = {"best_state": self.best.state} if self.best.state is not None else None
-            save_checkpoint(self.ckpt_dir, self.model, self.tok, self.opt, self.sched,
-                            {"step": step, "args": config_dict(self.cfg), "early_stop": self.best.record, **metrics},
-                            extra=best)
+        crash_point("step")
+        halt = self.cfg.halt_after is not None and step >= self.cfg.halt_after and step < self.total
+        late = is_main() and self.cfg.save_minutes and time.monotonic() - self.last_save >= 60 * self.cfg.save_minutes
+        signum, late = self._agree(self.signal, late)
+        if signum or halt or late or self.every(step, self.cfg.save_every):
+            self.save(step, metrics)
+        if signum:
+            print0(f"interrupted ({signal.Signals(signum).name}) after step {step}: checkpoint written to "
+                   f"{self.ckpt_dir}. Continue with the same command and --resume")
+            compute_cleanup(exit_code=128 + signum)
+            raise Interrupted(signum)
         if self.stop_early:
             print0(f"early stop at step {step}: the validation loss has not improved for {self.best.patience} "
                    f"evaluations; best {self.best.record['loss']:.4f} at step {self.best.record['step']}")
             return True
-        if self.cfg.halt_after is not None and step >= self.cfg.halt_after:
-            print0(f"halting after step {step} (--halt-after)")
-            self.halted = step < self.total  # a halt at the last step is just the end
+        if halt:
+            print0(f"halting after step {step} (--halt-after): checkpoint written; continue with --resume")
+            self.halted = True
             return True
         return False
 
@@ -609,6 +810,31 @@ class Run:
 def config_dict(cfg):
     """The config as JSON-ready values, for meta.json."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM after writing its checkpoint; common.cli exits with 128 + signum."""
+
+    def __init__(self, signum):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def cli(main):
+    """Run a script's main() from the command line. A UsageError (a mistake in what was asked for) is one line on
+    stderr and exit status 2, as argparse's own errors are; an interrupted run exits with 128 + the signal's number
+    and no traceback; any other exception is a program error and keeps its traceback."""
+    global EXIT_AFTER_CLEANUP
+    EXIT_AFTER_CLEANUP = True  # see compute_cleanup
+    try:
+        main()
+    except M.UsageError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)  # no teardown: under torchrun another rank may be waiting in a collective
+    except Interrupted as e:
+        sys.stdout.flush()
+        os._exit(128 + e.signum)
 
 
 _WARNED = set()

@@ -49,11 +49,12 @@ import torch.distributed as dist
 import common
 import model as M
 from common import (Run, all_reduce_grads, batch_for, broadcast_params, compute_init, lora_targets, make_optimizer,
-                    option, parse_config, print0, shared, training_setup, warn_once)
+                    option, parse_config, print0, require, shared, training_setup, warn_once)
 from data import BLANKS, load_task, sudoku_kwargs
 from memory import Setting, check_fits
 from rewards import REWARDS
-from sample import SAMPLING_FLAGS, completion_mask, decode_completions, generate, pad_left, sampling_kwargs
+from sample import (SAMPLING_FLAGS, check_sampling, completion_mask, decode_completions, generate, pad_left,
+                    sampling_kwargs)
 
 # -----------------------------------------------------------------------------
 # The one-step log-prob estimator
@@ -274,6 +275,7 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, cfg, world, gens, autoc
 def main(argv=None):
     cfg, presets = get_config(argv)
     rank, _, world, device = compute_init(cfg.device)
+    common.prepare_run_dir(cfg)  # refuses to mix two runs in one --out-dir; checks a --resume
     mu, per_rank = cfg.num_iterations, cfg.prompts_per_step
     # RL starts from the SFT model when --model is an SFT export or --adapter is given (common.make_trainable).
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
@@ -446,15 +448,25 @@ class GRPOConfig(common.TrainerConfig):
                                   "stacked into one batch (default: --micro-batch-size)", "debugging probes", type=int)
 
     def check(self, typed):
-        n = len(REWARDS[self.task])
-        if self.reward_weights is not None and len(self.reward_weights) != n:
-            raise ValueError(f"--reward-weights needs {n} values for {self.task}: "
-                             f"{[f.__name__ for f, _ in REWARDS[self.task]]}")
-        mu = self.num_iterations
-        if self.max_steps % mu and "max_steps" in typed:
-            raise ValueError(f"--max-steps {self.max_steps} is not a whole number of rollout batches of mu = "
-                             f"--num-iterations {mu} optimizer steps")
-        return replace(self, max_steps=-(-self.max_steps // mu) * mu)  # a preset's steps: whole rollout batches
+        """Every value checked before any work: a value typed is used or refused, never replaced. (A preset's
+        --max-steps is rounded up to whole rollout batches.)"""
+        common.check_trainer(self)
+        n, mu = len(REWARDS[self.task]), self.num_iterations
+        require(self.reward_weights is None or len(self.reward_weights) == n, f"--reward-weights needs {n} values "
+                f"for {self.task}: {[f.__name__ for f, _ in REWARDS[self.task]]}")
+        require(self.num_generations >= 2, f"--num-generations {self.num_generations}: a group needs G >= 2 "
+                "completions (with one, every advantage is 0 and nothing is learned)")
+        require(self.prompts_per_step > 0 and mu > 0, "--prompts-per-step and --num-iterations must be > 0")
+        require(self.max_steps % mu == 0 or "max_steps" not in typed, f"--max-steps {self.max_steps} is not a "
+                f"whole number of rollout batches of mu = --num-iterations {mu} optimizer steps")
+        require(self.beta >= 0 and self.epsilon > 0 and 0 <= self.p_mask_prompt < 1, "need --beta >= 0, "
+                "--epsilon > 0 and 0 <= --p-mask-prompt < 1")
+        for name in ("logp_batch_size", "max_prompt_length"):
+            require(getattr(self, name) is None or getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+        require(self.sample_every >= 0, "--sample-every must be >= 0")
+        check_sampling(self.gen_length, self.block_length, self.steps, self.temperature, self.cfg_scale,
+                       self.remasking, self.threshold)
+        return replace(self, max_steps=-(-self.max_steps // mu) * mu)
 
 
 # d1's per-task values (train.yaml; max_steps: the optimizer step of the checkpoint d1 reports, rounded up to whole
@@ -496,5 +508,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    common.EXIT_AFTER_CLEANUP = True  # see compute_cleanup
-    main()
+    common.cli(main)

@@ -337,5 +337,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.EXIT_AFTER_CLEANUP = True  # see compute_cleanup
-    main()
+    common.cli(main)

@@ -30,6 +30,37 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LLADA_HUB_ID = "GSAI-ML/LLaDA-8B-Instruct"
+
+
+class UsageError(ValueError):
+    """A mistake in what was asked for (a flag, a path, a file's contents, a run directory), not in the program.
+    Every script reports it in one line and exits with status 2, as argparse does (common.cli); a program error
+    keeps its traceback. Defined here, in the module every other one imports."""
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub can be reached: False at once under HF_HUB_OFFLINE=1, else one TCP connection
+    with a short timeout. Without it, huggingface_hub and datasets retry for half a minute before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def read_safetensors(path, device="cpu", keys_only=False):
+    """The tensors of one .safetensors file (or only its keys); a truncated or foreign file is a UsageError that
+    names it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return list(f.keys()) if keys_only else {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header or a short file
+        raise UsageError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:120]}); it is "
+                         f"truncated or was written by something else: copy it again") from None
 LLADA_MASK_ID = 126336  # <|mdm_mask|> in LLaDA's tokenizer; code reads the id from the config, this is only a default
 
 # -----------------------------------------------------------------------------
@@ -267,16 +298,19 @@ def resolve_model_dir(name_or_path):
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
-        raise ValueError(f"--model {name_or_path!r} is a file; pass the checkpoint DIRECTORY "
+        raise UsageError(f"--model {name_or_path!r} is a file; pass the checkpoint DIRECTORY "
                          f"(config.json + safetensors)")
     if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:  # a path, not an org/name id
-        raise FileNotFoundError(f"--model {name_or_path!r}: no such directory (a local checkpoint directory, or a hub "
+        raise UsageError(f"--model {name_or_path!r}: no such directory (a local checkpoint directory, or a hub "
                                 "id such as GSAI-ML/LLaDA-8B-Instruct)")
     from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]
     try:
-        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"])
+        if not hub_reachable():  # a cached copy, or fail now rather than after half a minute of retries
+            return snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True)
+        return snapshot_download(name_or_path, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, gated, ...
-        raise RuntimeError(
+        raise UsageError(
             f"Could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}).\n"
             f"Download it where you have network (huggingface-cli download {name_or_path} --local-dir DIR) and pass "
             f"the local directory instead: --model DIR") from None
@@ -294,10 +328,8 @@ def _checkpoint_shards(model_dir):
         return shards
     single = os.path.join(model_dir, "model.safetensors")
     if not os.path.exists(single):
-        raise FileNotFoundError(f"{model_dir}: neither model.safetensors.index.json nor model.safetensors found")
-    from safetensors import safe_open
-    with safe_open(single, framework="pt") as f:
-        return {"model.safetensors": list(f.keys())}
+        raise UsageError(f"{model_dir}: neither model.safetensors.index.json nor model.safetensors found")
+    return {"model.safetensors": read_safetensors(single, keys_only=True)}
 
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
@@ -305,10 +337,13 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     is read and its tensors ASSIGNED into the model (cast to `dtype` on `device`) before the next shard is opened,
     so peak memory is the model plus about one shard. The key check is strict and happens before any weight is
     read. A directory saved with LoRA adapters (adapter.safetensors) gets them applied."""
-    from safetensors.torch import load_file
     model_dir = resolve_model_dir(name_or_path)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = LLaDAConfig.from_dict(json.load(f))
+    config = os.path.join(model_dir, "config.json")
+    try:
+        with open(config) as f:
+            cfg = LLaDAConfig.from_dict(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{config}: cannot read the model's config ({e})") from None
     with torch.device("meta"):
         model = LLaDA(cfg)
     shards = _checkpoint_shards(model_dir)
@@ -320,7 +355,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
                        f"  missing ({len(missing)}): {missing[:10]}\n"
                        f"  unexpected ({len(unexpected)}): {unexpected[:10]}")
     for shard in sorted(shards):
-        sd = load_file(os.path.join(model_dir, shard), device=str(device))
+        sd = read_safetensors(os.path.join(model_dir, shard), device)
         sd = {k: v.to(dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)  # assign: the loaded tensors become the parameters
         del sd
@@ -562,11 +597,14 @@ def load_lora(model, path):
     from safetensors import safe_open
     f = path if path.endswith(".safetensors") else os.path.join(path, ADAPTER_FILE)
     if not os.path.exists(f):
-        raise FileNotFoundError(f"--adapter {path!r}: no {ADAPTER_FILE} there (a directory written by sft.py or "
+        raise UsageError(f"--adapter {path!r}: no {ADAPTER_FILE} there (a directory written by sft.py or "
                                 f"diffu_grpo.py, or the .safetensors file itself)")
-    with safe_open(f, framework="pt") as fh:
-        meta = fh.metadata()
-        sd = {k: fh.get_tensor(k) for k in fh.keys()}
+    try:
+        with safe_open(f, framework="pt") as fh:
+            meta = fh.metadata()
+            sd = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as e:
+        raise UsageError(f"{f}: not a readable adapter file ({type(e).__name__}: {str(e)[:120]})") from None
     if not has_lora(model):
         apply_lora(model, int(meta["r"]), float(meta["alpha"]), targets=tuple(meta["targets"].split(",")))
     for name, m in model.named_modules():  # frozen factors: shapes come from the file

@@ -79,6 +79,19 @@ def propose(logits, temperature, remasking, generator):
 def check_args(prompt_len, gen_length, block_length, steps, temperature, cfg_scale, remasking, mask_id, pad_id,
                max_len, threshold):
     """The impossible settings, each with a message that says what to change."""
+    check_sampling(gen_length, block_length, steps, temperature, cfg_scale, remasking, threshold)
+    if mask_id == pad_id:
+        raise ValueError(f"mask id {mask_id} equals the pad id: padded prompt positions would look like masks")
+    if max_len is not None and prompt_len + gen_length > max_len:
+        raise ValueError(f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) = {prompt_len + gen_length} "
+                         f"exceeds the model's max_sequence_length {max_len}; shorten the prompt or gen_length")
+    if threshold is None and steps > gen_length:
+        warnings.warn(f"steps ({steps}) > gen_length ({gen_length}): some steps commit no token and only waste "
+                      "forward passes")
+
+
+def check_sampling(gen_length, block_length, steps, temperature, cfg_scale, remasking, threshold):
+    """The sampler's flags alone (scripts check them right after parsing, before a model loads)."""
     if gen_length <= 0 or block_length <= 0 or steps <= 0:
         raise ValueError(f"gen_length ({gen_length}), block_length ({block_length}) and steps ({steps}) must be > 0")
     if gen_length % block_length:
@@ -92,16 +105,8 @@ def check_args(prompt_len, gen_length, block_length, steps, temperature, cfg_sca
         raise ValueError(f"--remasking {remasking!r}: choose 'low_confidence' or 'random'")
     if temperature < 0 or cfg_scale < 0:
         raise ValueError(f"temperature ({temperature}) and cfg_scale ({cfg_scale}) must be >= 0")
-    if mask_id == pad_id:
-        raise ValueError(f"mask id {mask_id} equals the pad id: padded prompt positions would look like masks")
-    if max_len is not None and prompt_len + gen_length > max_len:
-        raise ValueError(f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) = {prompt_len + gen_length} "
-                         f"exceeds the model's max_sequence_length {max_len}; shorten the prompt or gen_length")
     if threshold is not None and remasking != "low_confidence":
         raise ValueError("threshold decoding needs remasking='low_confidence' (it thresholds the model's confidence)")
-    if threshold is None and steps > gen_length:
-        warnings.warn(f"steps ({steps}) > gen_length ({gen_length}): some steps commit no token and only waste "
-                      "forward passes")
 
 
 @torch.no_grad()

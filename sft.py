@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import common
 import model as M
 from common import (Run, all_reduce_grads, batch_for, broadcast_params, compute_init, lora_targets, make_optimizer,
-                    option, parse_config, print0, shared, training_setup)
+                    option, parse_config, print0, require, shared, training_setup)
 from data import BLANKS, sft_split
 from memory import Setting, check_fits
 
@@ -167,8 +167,8 @@ def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast, level
 def main(argv=None):
     cfg, presets = get_config(argv)
     rank, _, world, device = compute_init(cfg.device)
-    batch_size = cfg.batch_size or world * cfg.micro_batch_size * cfg.grad_accum
-    per_rank = batch_size // world
+    common.prepare_run_dir(cfg)  # refuses to mix two runs in one --out-dir; checks a --resume
+    batch_size, per_rank = batch_sizes(cfg, world)
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
     check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size, prompt_len=0, completion_len=cfg.max_length,
                        dtype=dtype, lora_r=cfg.lora_r, lora_targets=lora_targets(cfg.lora_targets),
@@ -195,6 +195,7 @@ def main(argv=None):
         # run draws exactly what the uninterrupted run drew.
         idx = batch_for(step - 1, batch_size, N, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
         t, u, coin = (x[rank * per_rank:(rank + 1) * per_rank] for x in noise_for(step - 1, cfg.seed, batch_size, T))
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's RNG (F.dropout takes no generator): per step
         metrics = train_step(model, params, opt, sched, ids[idx].to(device),
                              maskable_start(plens[idx], coin, cfg.objective).to(device), t.to(device), u.to(device),
                              micro_batch=cfg.micro_batch_size, eps=cfg.eps, norm=cfg.loss_norm,
@@ -232,6 +233,15 @@ def tokenize_examples(tokenizer, rows, max_length, eos_id):
     if not seqs:
         raise ValueError(f"every example's prompt is longer than --max-length {max_length}")
     return torch.tensor(seqs), torch.tensor(plens), truncated
+
+
+def batch_sizes(cfg, world):
+    """(global batch, examples per rank): --batch-size, or world x --micro-batch-size x --grad-accum."""
+    batch_size = cfg.batch_size or world * cfg.micro_batch_size * cfg.grad_accum
+    if batch_size % (world * cfg.micro_batch_size):
+        raise M.UsageError(f"--batch-size {batch_size} is not a multiple of the world size {world} x "
+                           f"--micro-batch-size {cfg.micro_batch_size}")
+    return batch_size, batch_size // world
 
 
 def tokenized_split(cfg, tok, eos_id):
@@ -319,8 +329,19 @@ class SFTConfig(common.TrainerConfig):
                                  "debugging probes", choices=["solutions", "random"])
 
     def check(self, typed):
-        if self.sudoku_answers == "random" and self.task != "sudoku":
-            raise ValueError("--sudoku-answers random is for --task sudoku")
+        """Every value checked before any work: a nonsense value is refused, never replaced."""
+        common.check_trainer(self)
+        require(self.sudoku_answers != "random" or self.task == "sudoku", "--sudoku-answers random is for --task "
+                "sudoku")
+        require(self.epochs > 0 and self.max_length > 0 and self.grad_accum > 0 and self.eval_noise_levels > 0,
+                "--epochs, --max-length, --grad-accum and --eval-noise-levels must be > 0")
+        require(self.batch_size is None or (self.batch_size > 0 and self.batch_size % self.micro_batch_size == 0),
+                f"--batch-size {self.batch_size} must be a positive multiple of --micro-batch-size "
+                f"{self.micro_batch_size}")
+        require(self.eval_n is None or self.eval_n > 0, f"--eval-n must be > 0, not {self.eval_n}")
+        require(0 < self.eval_frac < 1, f"--eval-frac must be in (0, 1), not {self.eval_frac}")
+        require(0 < self.eps <= 1, f"--eps must be in (0, 1], not {self.eps}")
+        require(self.eval_every >= 0 and self.patience >= 0, "--eval-every and --patience must be >= 0")
         return self
 
 
@@ -359,5 +380,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    common.EXIT_AFTER_CLEANUP = True  # see compute_cleanup
-    main()
+    common.cli(main)

@@ -138,11 +138,14 @@ ROW = {"gsm8k": gsm8k_row, "math": math_row, "countdown": countdown_row, "sudoku
 
 def _hub(key, split):
     import datasets
+    from model import UsageError, hub_reachable
     hub_id, config = HUB[key]
     try:
+        if not hub_reachable():  # a cached copy or nothing, now rather than after half a minute of retries
+            datasets.config.HF_HUB_OFFLINE = True
         return datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:
-        raise RuntimeError(
+        raise UsageError(
             f"Could not load dataset {hub_id!r} (split {split!r}) from the Hugging Face hub "
             f"({type(e).__name__}: {str(e)[:160]}).\nDownload it where you have network and pass the local copy: "
             f"--data-path FILE_OR_DIR (a .jsonl/.json/.csv/.parquet file or a dataset directory)") from None
@@ -150,17 +153,60 @@ def _hub(key, split):
 
 def _local(path, split):
     import datasets
+    from model import UsageError
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
             return datasets.load_from_disk(path)
         return datasets.load_dataset(path, split=split)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--data-path {path!r} does not exist")
+        raise UsageError(f"--data-path {path!r} does not exist")
     ext = os.path.splitext(path)[1].lstrip(".")
     kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
     if kind is None:
-        raise ValueError(f"--data-path {path!r}: use a .jsonl, .json, .csv or .parquet file")
-    return datasets.load_dataset(kind, data_files=path, split="train")
+        raise UsageError(f"--data-path {path!r}: use a .jsonl, .json, .csv or .parquet file")
+    if ext == "jsonl":
+        check_jsonl(path)
+    try:
+        return datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as e:  # pyarrow's parse errors are long and name neither the file nor the line
+        raise UsageError(f"{path}: cannot be read as {ext} ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def check_jsonl(path):
+    """Every non-empty line of a .jsonl file is one JSON object; the first that is not is named with its line."""
+    import json
+    from model import UsageError
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{i}: a row must be a JSON object, not {type(row).__name__}")
+
+
+# The columns each task's rows must have, non-empty (math: an answer, or a solution with a \boxed{} answer).
+REQUIRED = {"gsm8k": ("question", "answer"), "math": ("problem",), "countdown": ("nums", "target"),
+            "s1k": ("question", "thinking_trajectories", "attempt")}
+
+
+def check_rows(ds, name, source):
+    """Stop at the first row a task cannot use, naming the source, the row (= the line of a .jsonl file) and what
+    is missing; a file with rows a reward would silently score as 0 is a mistake, not data."""
+    from model import UsageError
+    need = REQUIRED.get(name, ())
+    absent = [c for c in need if c not in ds.column_names]
+    if absent:
+        raise UsageError(f"{source}: no column {absent[0]!r}; {name} rows need {', '.join(need)}")
+    for i, r in enumerate(ds):
+        empty = [c for c in need if r[c] is None or (isinstance(r[c], (str, list)) and not r[c])]
+        if name == "math" and not (r.get("answer") or "\\boxed" in str(r.get("solution") or "")):
+            empty.append("answer (or a solution with \\boxed{})")
+        if empty:
+            raise UsageError(f"{source}: row {i + 1} has no {empty[0]}")
 
 
 def load_task(name, split="train", data_path=None, style="d1", n=None, seed=0, purpose=None, **gen_kw):
@@ -187,6 +233,7 @@ def load_task(name, split="train", data_path=None, style="d1", n=None, seed=0, p
         ds = datasets.Dataset.from_list(countdown_gen.generate(size, seed=seed + (0 if split == "train" else 10_000)))
     elif data_path:
         ds = _local(data_path, split)
+        check_rows(ds, name, f"--data-path {data_path}")
     else:
         key = {"math": "math_train" if split == "train" else "math_test"}.get(name, name)
         ds = _hub(key, "train" if name in ("countdown", "s1k") else split)

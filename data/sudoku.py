@@ -81,11 +81,14 @@ def split_grids(seed=0, n_test_grids=48):
     return grids[n_test_grids:], grids[:n_test_grids]
 
 
+MAX_BLANKS = 12  # a 4x4 Sudoku with a unique solution has at least 4 givens
+
+
 def generate(n, split="train", seed=0, min_blanks=6, max_blanks=10, split_seed=0, n_test_grids=48):
     """n puzzles as dicts {puzzle, solution}, deterministic in (seed, split, ...). Solutions come only from the
     split's grids; the number of blanks is uniform in [min_blanks, max_blanks]."""
-    if not 1 <= min_blanks <= max_blanks <= 16:
-        raise ValueError(f"need 1 <= min_blanks ({min_blanks}) <= max_blanks ({max_blanks}) <= 16")
+    if not 1 <= min_blanks <= max_blanks <= MAX_BLANKS:
+        raise ValueError(f"need 1 <= min_blanks ({min_blanks}) <= max_blanks ({max_blanks}) <= {MAX_BLANKS}")
     train, test = split_grids(split_seed, n_test_grids)
     grids = {"train": train, "test": test}[split]
     rng = random.Random(f"{seed}-{split}")
@@ -108,13 +111,33 @@ def write_csv(rows, path):
 
 
 def read_csv(path):
-    """d1's CSV files (Puzzle,Solution) -> list of {puzzle, solution}."""
+    """d1's CSV files (Puzzle,Solution) -> list of {puzzle, solution}. Every row is checked, and the first bad one
+    stops the run with the file, the line and what is wrong: a malformed row would otherwise be scored as a
+    puzzle. A puzzle may have lost its leading zeros (a spreadsheet reading it as a number): it is padded back."""
+    from model import UsageError
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for r in rows:
-        p, s = str(r["Puzzle"]).strip().zfill(16), str(r["Solution"]).strip().zfill(16)
-        if len(p) != 16 or len(s) != 16:
-            raise ValueError(f"{path}: bad row {r} (puzzle and solution must be 16 characters)")
-        out.append({"puzzle": p, "solution": s})
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"Puzzle", "Solution"} <= set(reader.fieldnames):
+            raise UsageError(f"{path}:1: the header must name the columns Puzzle and Solution (d1's format)")
+        out = []
+        for r in reader:
+            where = f"{path}:{reader.line_num}"
+            p, s = str(r["Puzzle"] or "").strip(), str(r["Solution"] or "").strip()
+            p = p.zfill(16) if p.isdigit() else p
+            problem = check_puzzle(p, s)
+            if problem:
+                raise UsageError(f"{where}: {problem} (puzzle {p!r}, solution {s!r})")
+            out.append({"puzzle": p, "solution": s})
     return out
+
+
+def check_puzzle(puzzle, solution):
+    """What is wrong with a (puzzle, solution) pair, or None: the solution must be one of the 288 valid grids, the
+    puzzle 16 characters of 0-4 whose given cells agree with it."""
+    if len(solution) != 16 or solution not in set(all_grids()):
+        return "the solution is not a valid 4x4 Sudoku grid of 16 digits 1-4"
+    if len(puzzle) != 16 or set(puzzle) - set("01234"):
+        return "the puzzle is not 16 characters of 0-4"
+    if any(c != "0" and c != g for c, g in zip(puzzle, solution)):
+        return "the puzzle's given cells disagree with the solution"
+    return None

@@ -11,7 +11,8 @@ python3 model.py --model tiny
 echo "== 2. sampling from the (untrained) tiny model"
 python3 sample.py --model tiny --prompt "sudoku 1030020040000301" --gen-length 48 --block-length 16 --steps 24
 echo "== 3. masked SFT with the tiny preset: 64 labelled puzzles with 3-6 blanks, 400 steps (about a minute)"
-python3 sft.py --model tiny --task sudoku --out-dir $OUT/sft
+python3 sft.py --model tiny --task sudoku --out-dir $OUT/sft --overwrite
+rm -rf $OUT/eval
 echo "== 4. evaluation on held-out puzzles (solution grids never seen in training)"
 python3 eval.py --protocol clean --model $OUT/sft/final --task sudoku --prompt-style compact --blanks 3 6 \
   --gen-length 40 --block-length 40 --steps 1 --limit 256 --batch-size 64 --out-dir $OUT/eval

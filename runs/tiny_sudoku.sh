@@ -14,6 +14,7 @@
 #   4. eval.py       all three on held-out puzzles whose solution grids were never seen in training: greedy (solve
 #                    rate, cell accuracy, given cells copied as a health check) and sampled the way RL rolls out
 #   5. runs/tiny_report.py  the table (report.md, results.json) and the reward curve
+# A rerun of the demo starts every stage over (--overwrite): OUT is the demo's own directory.
 # Every stage is seeded (SEED), so a rerun on the same machine gives the same table. Another CPU rounds differently
 # and gives another table inside the spread that runs/tiny_sudoku_sweep.sh measures (README).
 # Environment knobs (the slow test and the sweep use them): OUT, SEED, SFT_N, SFT_STEPS, RL_BATCHES, CONT_STEPS,
@@ -44,23 +45,26 @@ ONE_STEP="--gen-length 40 --block-length 40 --steps 1"
 
 echo "== 1. SFT on $SFT_N labelled puzzles"
 t0=$SECONDS
-$PY sft.py --model tiny --task sudoku --train-n $SFT_N --max-steps $SFT_STEPS --seed $SEED --out-dir $OUT/sft
+$PY sft.py --model tiny --task sudoku --train-n $SFT_N --max-steps $SFT_STEPS --seed $SEED --out-dir $OUT/sft \
+  --overwrite
 t_sft=$((SECONDS - t0))
 
 echo "== 2. diffu-GRPO from the SFT model, 2 processes, fresh puzzles, reward only"
 t0=$SECONDS
 OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29533} diffu_grpo.py \
   --model $OUT/sft/final --task sudoku --data-seed $((SEED + 1)) --max-steps $((RL_BATCHES * 2)) --seed $SEED \
-  --sample-every 0 --out-dir $OUT/grpo
+  --sample-every 0 --out-dir $OUT/grpo --overwrite
 t_rl=$((SECONDS - t0))
 
 echo "== 3. control: SFT continued on the same labelled set"
 t0=$SECONDS
 $PY sft.py --model $OUT/sft/final --task sudoku --train-n $SFT_N --max-steps $CONT_STEPS --lr 3e-4 \
-  --lr-schedule constant --warmup-steps 0 --eval-every 0 --no-keep-best --seed $((SEED + 1)) --out-dir $OUT/sft_cont
+  --lr-schedule constant --warmup-steps 0 --eval-every 0 --no-keep-best --seed $((SEED + 1)) --out-dir $OUT/sft_cont \
+  --overwrite
 t_cont=$((SECONDS - t0))
 
 echo "== 4. held-out evaluation (greedy, then sampled as in the rollouts)"
+rm -rf $OUT/eval_*  # eval.py would reuse the records of a previous demo's models
 for m in sft sft_cont grpo; do
   $PY eval.py --protocol clean --model $OUT/$m/final $TASK $ONE_STEP --limit $EVAL_N --batch-size 128 --out-dir $OUT/eval_$m
   $PY eval.py --protocol clean --model $OUT/$m/final $TASK $ONE_STEP --temperature 1.0 --limit $EVAL_N --batch-size 128 \

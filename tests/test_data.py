@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+import model as M
 import rewards as R
 from conftest import D1_SUDOKU_SYSTEM, FIXTURES
 from data import countdown, load_task, sudoku
@@ -109,7 +110,7 @@ def test_s1k_completion_format():
 def test_missing_hub_dataset_fails_at_once_naming_the_hub_id_and_the_flag(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match=r"(?s)'openai/gsm8k'.*--data-path"):
+    with pytest.raises(M.UsageError, match=r"(?s)'openai/gsm8k'.*--data-path"):
         load_task("gsm8k", "train")
 
 

@@ -50,12 +50,12 @@ def test_config_round_trips_through_official_field_names():
 
 def test_unreachable_hub_id_fails_with_a_message_naming_it_and_the_local_path_flag(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match=r"(?s)'someone/not-cached-model'.*--model DIR"):
+    with pytest.raises(M.UsageError, match=r"(?s)'someone/not-cached-model'.*--model DIR"):
         M.load_model("someone/not-cached-model")
 
 
 def test_a_missing_local_directory_is_reported_as_such_not_as_a_hub_id(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(M.UsageError, match="no such directory"):
         M.load_model(str(tmp_path / "out" / "final"))
 
 
