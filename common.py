@@ -835,6 +835,10 @@ def cli(main):
     except Interrupted as e:
         sys.stdout.flush()
         os._exit(128 + e.signum)
+    except KeyboardInterrupt:  # before the training loop (loading) or after it: nothing to checkpoint
+        print(f"\n{os.path.basename(sys.argv[0])}: interrupted (outside the training loop, nothing to save)",
+              file=sys.stderr, flush=True)
+        os._exit(130)
 
 
 _WARNED = set()

@@ -311,7 +311,7 @@ def resolve_model_dir(name_or_path):
         return snapshot_download(name_or_path, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, gated, ...
         raise UsageError(
-            f"Could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}).\n"
+            f"Could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
             f"Download it where you have network (huggingface-cli download {name_or_path} --local-dir DIR) and pass "
             f"the local directory instead: --model DIR") from None
 
@@ -684,7 +684,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Build or load a LLaDA model and run one forward pass.")
     ap.add_argument("--model", default="tiny", help="'tiny' (random, CPU-sized), a local checkpoint directory, "
                                                     f"or a hub id such as {LLADA_HUB_ID} (default: tiny)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: float32)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weight dtype (default: float32)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     args = ap.parse_args()
     model, tok = build(args.model, getattr(torch, args.dtype), args.device)

@@ -147,7 +147,7 @@ def _hub(key, split):
     except Exception as e:
         raise UsageError(
             f"Could not load dataset {hub_id!r} (split {split!r}) from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e)[:160]}).\nDownload it where you have network and pass the local copy: "
+            f"({type(e).__name__}: {str(e)[:160]}). Download it where you have network and pass the local copy: "
             f"--data-path FILE_OR_DIR (a .jsonl/.json/.csv/.parquet file or a dataset directory)") from None
 
 

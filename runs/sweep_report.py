@@ -1,9 +1,11 @@
 """
-The table of runs/tiny_sudoku_sweep.sh: every run's results.json (runs/tiny_report.py) -> per-model mean, spread
-(standard deviation, min, max) and worst run, and the differences that matter (RL - SFT, RL - control) per run.
-Writes OUT/sweep.md and OUT/sweep.json.
+The table of runs/tiny_sudoku_sweep.sh.
 
     python runs/sweep_report.py out/tiny_sudoku_sweep
+
+Every run's results.json (runs/tiny_report.py) -> per-model mean, spread
+(standard deviation, min, max) and worst run, and the differences that matter (RL - SFT, RL - control) per run.
+Writes OUT/sweep.md and OUT/sweep.json.
 """
 
 import glob

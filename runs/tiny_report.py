@@ -1,9 +1,11 @@
 """
-The table and reward curve of runs/tiny_sudoku.sh: reads what the real scripts wrote (eval.py's generations.jsonl,
-greedy and sampled; diffu_grpo.py's metrics.jsonl; the stage timings) and prints + writes report.md (and reward.png
-when matplotlib is installed; a text chart otherwise).
+The table and reward curve of runs/tiny_sudoku.sh.
 
     python runs/tiny_report.py OUT_DIR
+
+It reads what the real scripts wrote (eval.py's generations.jsonl,
+greedy and sampled; diffu_grpo.py's metrics.jsonl; the stage timings) and prints + writes report.md (and reward.png
+when matplotlib is installed; a text chart otherwise).
 """
 
 import json
@@ -52,8 +54,8 @@ def smooth(ys, k=5):
 def main(out):
     with open(os.path.join(out, "timings.json")) as f:
         info = json.load(f)
-    lines = ["| model | solve rate % (greedy) | cell accuracy % (greedy) | given cells copied % | mean reward, greedy | "
-             "mean reward, sampled as in RL | stage wall-clock (s) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | solve rate % (greedy) | cell accuracy % (greedy) | given cells copied % | mean reward, greedy "
+             "| mean reward, sampled as in RL | stage wall-clock (s) |", "|---|---|---|---|---|---|---|"]
     results = {}
     for key, name in ROWS:
         recs = read_generation_file(os.path.join(out, f"eval_{key}", "generations.jsonl"))
@@ -70,7 +72,8 @@ def main(out):
         run = json.load(f)  # eval.py's settings: the blank range and the decoding
     header = (f"Held-out: {n} puzzles with {run['blanks'][0]}-{run['blanks'][1]} blanks on the 48 solution grids never "
               f"used for training (data/sudoku.py split). Decoding: {run['steps']} denoising step(s), blocks of "
-              f"{run['block_length']} tokens; greedy (temperature 0), and sampled at temperature 1 as in RL (the policy "
+              f"{run['block_length']} tokens; greedy (temperature 0), and sampled at temperature 1 as in RL "
+              f"(the policy "
               f"diffu-GRPO trains). Seeds: {info.get('seeds', '')}. Total wall-clock {info.get('total', 0):.0f} s "
               f"on {info.get('machine', '?')}.")
     sft_log = [m for m in read_jsonl(os.path.join(out, "sft", "metrics.jsonl")) if "eval_loss" in m]

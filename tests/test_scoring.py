@@ -189,9 +189,11 @@ def test_d1s_two_test_files_load_with_d1s_subset_and_order():
 
 
 def test_d1_subset_of_a_fixture_file_follows_numpys_seeded_choice(tmp_path):
-    rows = [f"{i:016d}" for i in range(500)]  # distinct 16-digit "puzzles"
+    from data import sudoku
+    pairs = list({r["puzzle"]: r["solution"] for r in sudoku.generate(800, seed=3)}.items())[:500]
+    rows = [p for p, _ in pairs]  # 500 distinct valid puzzles (rows are checked when read)
     path = tmp_path / "s.csv"
-    path.write_text("Puzzle,Solution\n" + "\n".join(f"{r},{r}" for r in rows) + "\n")
+    path.write_text("Puzzle,Solution\n" + "\n".join(f"{p},{s}" for p, s in pairs) + "\n")
     got = [r["puzzle"] for r in load_d1_eval("sudoku", str(path))]
     np.random.seed(42)
     assert got == [rows[i] for i in np.random.choice(500, 256, replace=False)]
