@@ -701,7 +701,7 @@ class Run:
     """
 
     def __init__(self, cfg, model, tok, opt, sched, params, total_steps, desc, stride=1, keep_best=False,
-                 patience=0):
+                 patience=0, score="validation loss", maximize=False):
         self.cfg, self.model, self.tok, self.opt, self.sched = cfg, model, tok, opt, sched
         self.total, self.desc, self.stride = total_steps, desc, stride
         self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
@@ -713,6 +713,7 @@ class Run:
         self.log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
         self.params, self.halted, self.stop_early, self.bar = params, False, False, None
         self.signal, self.last_save = 0, time.monotonic()
+        self.score, self.sign, self.evaluations = score, -1 if maximize else 1, 0
 
     def steps(self):
         """The optimizer step count after each iteration, from the resumed step on; SIGINT and SIGTERM are caught
@@ -754,9 +755,10 @@ class Run:
         that crosses a multiple of n counts as reaching it."""
         return bool(n) and step // n > (step - self.stride) // n
 
-    def evaluated(self, step, loss):
-        """A validation score (lower is better) for keep-best and early stopping."""
-        self.stop_early = self.best.update(step, loss)
+    def evaluated(self, step, value):
+        """A validation score for keep-best and early stopping (a tie keeps the earlier step)."""
+        self.evaluations += 1
+        self.stop_early = self.best.update(step, self.sign * value)
 
     def end_step(self, step, metrics, shown=None, lines=()):
         """Log, print, checkpoint; True when the loop must stop (early stopping or --halt-after)."""
@@ -778,8 +780,8 @@ class Run:
             compute_cleanup(exit_code=128 + signum)
             raise Interrupted(signum)
         if self.stop_early:
-            print0(f"early stop at step {step}: the validation loss has not improved for {self.best.patience} "
-                   f"evaluations; best {self.best.record['loss']:.4f} at step {self.best.record['step']}")
+            print0(f"early stop at step {step}: the {self.score} has not improved for {self.best.patience} "
+                   f"evaluations; best {self.sign * self.best.record['loss']:.4f} at step {self.best.record['step']}")
             return True
         if halt:
             print0(f"halting after step {step} (--halt-after): checkpoint written; continue with --resume")
@@ -795,9 +797,12 @@ class Run:
         print0(f"ranks in sync: {assert_ranks_in_sync(self.params, world)}")
         if self.best.state is not None and not self.halted:
             self.best.restore()
-            print0(f"restored the weights of step {self.best.record['step']} (best validation loss "
-                   f"{self.best.record['loss']:.4f})")
-            metrics.update(best_step=self.best.record["step"], best_eval_loss=self.best.record["loss"])
+            best = self.sign * self.best.record["loss"]
+            print0(f"kept the weights of step {self.best.record['step']}: the best {self.score}, {best:.4f}, of "
+                   f"{self.evaluations} evaluations (a tie keeps the earlier step); the last step's weights are not "
+                   f"exported")
+            key = "best_eval_loss" if self.sign > 0 else "best_eval_accuracy"
+            metrics.update(best_step=self.best.record["step"], **{key: best})
         if not self.cfg.no_export and not self.halted:
             path = os.path.join(self.cfg.out_dir, "final")
             export_model(path, self.model, self.tok, {"args": config_dict(self.cfg), **(meta or {}), **metrics},

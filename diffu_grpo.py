@@ -50,9 +50,10 @@ import common
 import model as M
 from common import (Run, all_reduce_grads, batch_for, broadcast_params, compute_init, lora_targets, make_optimizer,
                     option, parse_config, print0, require, shared, training_setup, warn_once)
-from data import BLANKS, load_task, sudoku_kwargs
+from data import BLANKS, load_task, rl_split, sudoku_kwargs
 from memory import Setting, check_fits
 from rewards import REWARDS
+from scoring import score
 from sample import (SAMPLING_FLAGS, check_sampling, completion_mask, decode_completions, generate, pad_left,
                     sampling_kwargs)
 
@@ -283,15 +284,18 @@ def main(argv=None):
     policy = Policy(model, copy.deepcopy(model).eval().requires_grad_(False) if not cfg.lora_r and cfg.beta else None)
     broadcast_params(params, world)
     opt, sched = make_optimizer(params, cfg, cfg.max_steps)
-    ds = load_task(cfg.task, "train", cfg.data_path, cfg.prompt_style, n=cfg.train_n,
-                   seed=cfg.seed if cfg.data_seed is None else cfg.data_seed, **sudoku_kwargs(cfg.task, cfg.blanks))
+    ds, validate = training_prompts(cfg, model, tok, rank, world, device, autocast)
     print0(f"diffu-GRPO on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per rollout "
            f"batch x G={cfg.num_generations}, mu={mu}, beta={cfg.beta}, eps={cfg.epsilon}, p_mask={cfg.p_mask_prompt}, "
            f"T={cfg.temperature} | {sum(p.numel() for p in params):,} trainable params | world {world}")
     if cfg.model == "tiny" and not cfg.adapter:
         print0("note: --model tiny is a random model, which earns no reward on d1's tasks (it never writes the "
                "answer format); start RL from an SFT export: python sft.py --model tiny, then --model out/sft/final")
-    run = Run(cfg, model, tok, opt, sched, params, cfg.max_steps, "diffu-grpo", stride=mu)
+    run = Run(cfg, model, tok, opt, sched, params, cfg.max_steps, "diffu-grpo", stride=mu, keep_best=cfg.keep_best,
+              score="validation accuracy", maximize=True)
+    if validate and run.start == 0:  # the starting model is a candidate too
+        run.log.write(step=0, **validate())
+        run.evaluated(0, validate.last["eval_accuracy"])
     for step in run.steps():
         t0, b = time.perf_counter(), step // mu - 1  # b: the rollout batch that ends at this optimizer step
         # The global rollout batch (prompt indices), then this rank's prompts_per_step of them.
@@ -299,6 +303,9 @@ def main(argv=None):
         metrics, samples = rl_step(policy, opt, sched, params, [ds[int(i)] for i in idx], tok, cfg, world,
                                    batch_generators(cfg.seed, rank, b, device), autocast, device)
         metrics = reduce_metrics({**metrics, "step_time": time.perf_counter() - t0}, world, device)
+        if validate and run.every(step, cfg.eval_every):
+            metrics.update(validate())
+            run.evaluated(step, metrics["eval_accuracy"])
         lines = [f"  [reward {r:.3f}] ...{p!r} -> {c[:120]!r}" for p, c, r in samples] \
             if run.every(step, cfg.sample_every) else []
         if run.end_step(step, {"batch": b + 1, **metrics}, SHOWN, lines):
@@ -310,6 +317,48 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # Plumbing: seeds, rewards, memory, metrics
+
+
+def training_prompts(cfg, model, tok, rank, world, device, autocast):
+    """(training prompts, validate or None). With --eval-every the validation prompts are held out of training
+    (data.rl_split) and validate() scores the policy on them (see validation)."""
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    if not cfg.eval_every:
+        return load_task(cfg.task, "train", cfg.data_path, cfg.prompt_style, n=cfg.train_n, seed=seed,
+                         **sudoku_kwargs(cfg.task, cfg.blanks)), None
+    ds, val = rl_split(cfg.task, cfg.data_path, cfg.prompt_style, cfg.train_n, cfg.eval_n, seed, cfg.blanks)
+    where = "puzzles on held-out training grids" if cfg.task == "sudoku" else "the tail of the training split"
+    print0(f"validation: {len(val)} prompts ({where}), every {cfg.eval_every} steps at temperature {cfg.eval_temperature}, sharded over {world} rank(s)")
+    return ds, validation(cfg, model, tok, list(val), rank, world, device, autocast)
+
+
+def validation(cfg, model, tok, rows, rank, world, device, autocast):
+    """validate() -> {eval_accuracy, eval_reward, time/validation}: the policy's accuracy (scoring.py, our
+    parser) and mean reward on the validation prompts with the evaluation's decoding (the rollout settings at
+    --eval-temperature, greedy by default). Rank r scores rows r, r + world, ...; the sums are all-reduced."""
+    mine = rows[rank::world]
+    sampling = {**sampling_kwargs(cfg), "temperature": cfg.eval_temperature}
+
+    @torch.no_grad()
+    def validate():
+        t0, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64)
+        g = torch.Generator(device=device).manual_seed(cfg.seed + 99)  # the same noise at every evaluation
+        for i in range(0, len(mine), cfg.micro_batch_size):
+            chunk = mine[i:i + cfg.micro_batch_size]
+            ids, attn, _ = encode_rollout_prompts(tok, chunk, cfg.max_prompt_length, device)
+            completion, _ = rollout(model, ids, attn, sampling, g, autocast)
+            texts = decode_completions(tok, completion, model.cfg.eos_token_id)
+            rewards = score_rollouts(chunk, texts, reward_functions(cfg), 1, False)[0]
+            correct = sum(bool(score(cfg.task, t, r)["correct"]) for t, r in zip(texts, chunk))
+            sums += torch.tensor([correct, rewards.sum().item(), len(chunk)], dtype=torch.float64)
+        if world > 1:
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+        correct, reward, n = sums.tolist()
+        validate.last = {"eval_accuracy": correct / n, "eval_reward": reward / n,
+                         "time/validation": time.perf_counter() - t0}
+        return validate.last
+    return validate
 
 
 def batch_generators(seed, rank, b, device):
@@ -438,6 +487,15 @@ class GRPOConfig(common.TrainerConfig):
     seed: int = shared("seed", 0)
 
     out_dir: str = shared("out_dir", "out/grpo")
+    eval_every: int = option(0, "validate every N optimizer steps (and before the first): accuracy and mean reward "
+                             "on --eval-n held-out prompts of the training distribution (0 = never)",
+                             "run and checkpoints")
+    eval_n: int = option(64, "validation prompts: generated Sudoku on training grids reserved for validation, else "
+                         "the last N rows of the training split (removed from training)", "run and checkpoints")
+    eval_temperature: float = option(0.0, "the validation's decoding temperature (0 = greedy, as evaluation)",
+                                     "run and checkpoints")
+    keep_best: bool = option(False, "export the weights of the best validation accuracy (a tie keeps the earlier "
+                             "step) instead of the last step's; needs --eval-every", "run and checkpoints")
     sample_every: int = option(80, "print two decoded rollouts every N optimizer steps (0 = never)",
                                "run and checkpoints")
 
@@ -464,6 +522,9 @@ class GRPOConfig(common.TrainerConfig):
         for name in ("logp_batch_size", "max_prompt_length"):
             require(getattr(self, name) is None or getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0")
         require(self.sample_every >= 0, "--sample-every must be >= 0")
+        require(self.eval_every >= 0 and self.eval_n > 0 and self.eval_temperature >= 0,
+                "need --eval-every >= 0, --eval-n > 0 and --eval-temperature >= 0")
+        require(self.eval_every or not self.keep_best, "--keep-best needs --eval-every N (the validation it keeps by)")
         check_sampling(self.gen_length, self.block_length, self.steps, self.temperature, self.cfg_scale,
                        self.remasking, self.threshold)
         return replace(self, max_steps=-(-self.max_steps // mu) * mu)

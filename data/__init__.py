@@ -245,6 +245,30 @@ def load_task(name, split="train", data_path=None, style="d1", n=None, seed=0, p
     return ds.map(lambda r: fn(r, style, purpose), remove_columns=ds.column_names)
 
 
+# ----------------------------------------------------------------------------- RL's training / validation split
+
+
+def rl_split(task, data_path, style, train_n, eval_n, seed, blanks=BLANKS):
+    """(training prompts, validation prompts) for diffu_grpo.py --eval-every: disjoint from each other and from
+    every test item. Generated Sudoku: validation puzzles on VAL_GRIDS training-split grids that training puzzles
+    never use (so validation measures solving, not recall); other tasks: the last eval_n rows of the training split,
+    removed from training."""
+    kw = sudoku_kwargs(task, blanks)
+    if task == "sudoku" and data_path in (None, "generate"):
+        held = set(sudoku_gen.validation_grids())
+        rows = load_task(task, "train", data_path, style, n=train_n, seed=seed, **kw)
+        rows = rows.filter(lambda r: r["solution"] not in held)
+        import datasets
+        val = sudoku_gen.generate(eval_n, "train", seed=seed + 2_000_003, grids=sorted(held), min_blanks=blanks[0],
+                                  max_blanks=blanks[1])
+        return rows, datasets.Dataset.from_list(val).map(lambda r: ROW["sudoku"](r, style, "train"))
+    rows = load_task(task, "train", data_path, style, n=None if train_n is None else train_n + eval_n, seed=seed, **kw)
+    if len(rows) <= eval_n:
+        from model import UsageError
+        raise UsageError(f"--eval-n {eval_n} leaves no training prompts of the {len(rows)} available")
+    return rows.select(range(len(rows) - eval_n)), rows.select(range(len(rows) - eval_n, len(rows)))
+
+
 # ----------------------------------------------------------------------------- SFT's training / validation split
 
 

@@ -84,13 +84,21 @@ def split_grids(seed=0, n_test_grids=48):
 MAX_BLANKS = 12  # a 4x4 Sudoku with a unique solution has at least 4 givens
 
 
-def generate(n, split="train", seed=0, min_blanks=6, max_blanks=10, split_seed=0, n_test_grids=48):
+VAL_GRIDS = 24  # training-split grids that diffu_grpo.py --eval-every reserves for validation
+
+
+def validation_grids(split_seed=0, n_test_grids=48):
+    """The last VAL_GRIDS of the training split's grids: RL validation puzzles use them, RL training puzzles not."""
+    return split_grids(split_seed, n_test_grids)[0][-VAL_GRIDS:]
+
+
+def generate(n, split="train", seed=0, min_blanks=6, max_blanks=10, split_seed=0, n_test_grids=48, grids=None):
     """n puzzles as dicts {puzzle, solution}, deterministic in (seed, split, ...). Solutions come only from the
-    split's grids; the number of blanks is uniform in [min_blanks, max_blanks]."""
+    split's grids (or from `grids`); the number of blanks is uniform in [min_blanks, max_blanks]."""
     if not 1 <= min_blanks <= max_blanks <= MAX_BLANKS:
         raise ValueError(f"need 1 <= min_blanks ({min_blanks}) <= max_blanks ({max_blanks}) <= {MAX_BLANKS}")
     train, test = split_grids(split_seed, n_test_grids)
-    grids = {"train": train, "test": test}[split]
+    grids = grids or {"train": train, "test": test}[split]
     rng = random.Random(f"{seed}-{split}")
     out = []
     while len(out) < n:

@@ -1,3 +1,4 @@
+import json
 import contextlib
 import math
 
@@ -312,3 +313,41 @@ def test_resume_continues_exactly_and_rollouts_do_not_depend_on_the_global_rng(t
     b = M.load_model(str(tmp_path / "halted" / "final")).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_rl_validation_prompts_are_disjoint_from_training_prompts_and_test_items():
+    from data import load_task, rl_split
+    from data.sudoku import split_grids, validation_grids
+    train, val = rl_split("sudoku", None, "compact", 2000, 64, 0, (3, 6))
+    held = set(validation_grids())
+    assert len(val) == 64 and set(val["solution"]) <= held and not held & set(train["solution"])
+    assert not set(val["solution"]) & set(split_grids()[1])  # no test grid
+    assert len(train) > 1500
+    train, val = rl_split("countdown", "generate", "compact", 100, 10, 0)
+    assert len(train) == 100 and len(val) == 10
+    assert not {(tuple(r["nums"]), r["target"]) for r in val} & {(tuple(r["nums"]), r["target"]) for r in train}
+
+
+def test_eval_every_keeps_the_best_validation_step_ties_the_earlier_and_names_it(tmp_path, monkeypatch, capsys):
+    """Scripted validation accuracies 0.1, 0.5, 0.5, 0.2 at steps 0, 2, 4, 6: the export holds step 2's weights
+    (the best; step 4 ties and the earlier wins), and the run says which step it kept and why."""
+    def fake_validation(*a, **k):
+        scripted = iter([0.1, 0.5, 0.5, 0.2])
+
+        def validate():
+            validate.last = {"eval_accuracy": next(scripted), "eval_reward": 0.0}
+            return validate.last
+        return validate
+    monkeypatch.setattr(D, "validation", fake_validation)
+    args = TINY_RL + ["--lora-r", "0", "--num-iterations", "2", "--max-steps", "6", "--eval-every", "2"]
+    D.main(args + ["--keep-best", "--out-dir", str(tmp_path / "best")])
+    assert "kept the weights of step 2: the best validation accuracy, 0.5000, of 4 evaluations" in capsys.readouterr().out
+    meta = json.load(open(tmp_path / "best" / "final" / "meta.json"))
+    assert meta["best_step"] == 2
+    D.main(args + ["--halt-after", "2", "--out-dir", str(tmp_path / "two")])  # the same prompts, stopped at 2
+    a = M.load_model(str(tmp_path / "best" / "final")).state_dict()
+    b = M.load_model(str(tmp_path / "two" / "checkpoint")).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    logged = [json.loads(line) for line in open(tmp_path / "best" / "metrics.jsonl")]
+    assert [r["step"] for r in logged if "eval_accuracy" in r] == [0, 2, 4, 6]
