@@ -112,7 +112,7 @@ def check_sampling(gen_length, block_length, steps, temperature, cfg_scale, rema
 @torch.no_grad()
 def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_length=32, steps=64, temperature=0.0,
              cfg_scale=0.0, remasking="low_confidence", mask_id=None, pad_id=None, generator=None,
-             threshold=None, prefix_cache=False):
+             threshold=None, prefix_cache=False, on_step=None):
     """Sample completions for a batch of LEFT-padded prompts.
 
     prompt_ids (B, P) long; attention_mask (B, P) with 0 on left padding (None = no padding). The mask is extended
@@ -125,6 +125,8 @@ def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_le
         most confident one per row, until the block is full (`steps` is then unused).
     prefix_cache=True: one full forward at the start of each block; its keys/values for the positions before the
         block are reused while the block is decoded, so later steps only run [block ; rest of canvas] as queries.
+    on_step(x, s, e): called after every denoising step with the canvas and the current block [s, e) (sample.py
+        --show prints it).
     """
     cfg = model.cfg
     mask_id = cfg.mask_token_id if mask_id is None else mask_id
@@ -144,10 +146,11 @@ def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_le
     steps_per_block = steps // (gen_length // block_length)
     for s in range(P, P + gen_length, block_length):  # semi-autoregressive: blocks left to right
         if threshold is None and not prefix_cache:
-            exact_block(fwd, x, s, s + block_length, steps_per_block, temperature, remasking, generator, mask_id)
+            exact_block(fwd, x, s, s + block_length, steps_per_block, temperature, remasking, generator, mask_id,
+                        on_step)
         else:
             fast_block(fwd, x, s, s + block_length, steps_per_block, threshold, prefix_cache, temperature, remasking,
-                       generator, mask_id)
+                       generator, mask_id, on_step)
     return Generation(x, x[:, P:], fwd.passes, fwd.full_passes, fwd.query_tokens)
 
 
@@ -180,7 +183,7 @@ class _Forward:
         return logits, kv
 
 
-def exact_block(fwd, x, s, e, steps, temperature, remasking, generator, mask_id):
+def exact_block(fwd, x, s, e, steps, temperature, remasking, generator, mask_id, on_step=None):
     """LLaDA's sampler (low-confidence remasking, as in its reference generate) on one block [s, e) of the canvas
     x, in place: for each of `steps` steps, predict every masked position from the whole canvas, then commit the k most
     confident proposals inside the block (k from the linear schedule) and leave the others masked. Every row starts
@@ -194,9 +197,12 @@ def exact_block(fwd, x, s, e, steps, temperature, remasking, generator, mask_id)
         if k > 0:
             idx = conf.topk(k, dim=-1).indices  # (B, k); k <= masked count by construction
             block.scatter_(1, idx, x0.gather(1, idx))
+        if on_step:
+            on_step(x, s, e)
 
 
-def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remasking, generator, mask_id):
+def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remasking, generator, mask_id,
+               on_step=None):
     """exact_block with the fast paths (same proposals, different commit rule or cost):
     threshold=tau: commit every masked proposal with confidence >= tau, and at least the most confident one per row,
         until the block is full (`steps` is then unused).
@@ -224,9 +230,46 @@ def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remask
             best = conf.argmax(-1, keepdim=True)  # at least one token per row per step (if any is left)
             commit.scatter_(1, best, masked.gather(1, best))
             block.copy_(torch.where(commit, x0, block))
-            if not bool((block == mask_id).any()):
-                break
+        if on_step:
+            on_step(x, s, e)
+        if threshold is not None and not bool((block == mask_id).any()):
+            break
         step += 1
+
+
+class CanvasPrinter:
+    """generate(on_step=...) for `sample.py --show`: after every K-th denoising step, row 0's canvas as one line:
+    masked positions as a placeholder, EOS as '.', and the tokens committed since the last line highlighted (ANSI
+    inverse video on a terminal, [brackets] otherwise), with the step, the block and how many are still masked.
+
+        step  3 | block 1/2 |  9 masked | <answer>▒▒▒[3]▒[1]...
+    """
+
+    def __init__(self, tok, P, block_length, mask_id, eos_id, every=1, color=None, write=print):
+        self.tok, self.P, self.bl, self.mask_id, self.eos_id = tok, P, block_length, mask_id, eos_id
+        self.every, self.write, self.step, self.prev = every, write, 0, None
+        self.color = color
+
+    def _piece(self, t, new):
+        text = "_" if t == self.mask_id else "." if t == self.eos_id else self.tok.decode([t])
+        if t == self.mask_id and self.color:
+            text = "\u2592"  # a shaded block
+        if new:
+            return f"\x1b[7m{text}\x1b[0m" if self.color else f"[{text}]"
+        return text
+
+    def __call__(self, x, s, e):
+        self.step += 1
+        row = x[0, self.P:].tolist()
+        done = self.mask_id not in row
+        if self.step % self.every and not done:
+            return
+        prev = self.prev or [self.mask_id] * len(row)
+        line = "".join(self._piece(t, t != self.mask_id and p == self.mask_id) for t, p in zip(row, prev))
+        n_blocks = len(row) // self.bl
+        self.write(f"step {self.step:3d} | block {(s - self.P) // self.bl + 1}/{n_blocks} | "
+                   f"{row.count(self.mask_id):3d} masked | {line}")
+        self.prev = row
 
 
 def completion_mask(completion, eos_id):
@@ -322,13 +365,28 @@ if __name__ == "__main__":
                    help="user message; repeat the flag for several prompts, batched together (default: two examples)")
     add_sampling_args(ap)
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (with --temperature > 0)")
+    w = ap.add_argument_group("watching the canvas")
+    w.add_argument("--show", action="store_true", help="print the first prompt's canvas after every denoising step: "
+                   "masked positions as a placeholder, the tokens committed at that step highlighted")
+    w.add_argument("--show-every", type=int, default=1, metavar="K", help="with --show, every K-th step (and the last)")
+    w.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                   help="highlight with ANSI colours (auto: when stdout is a terminal)")
     args = ap.parse_args()
+    import sys
+    check_sampling(args.gen_length, args.block_length, args.steps, args.temperature, args.cfg_scale,
+                   args.remasking, args.threshold)
     model, tok, device = setup_model(args)
     prompts = args.prompt or ["What is 2+2?", "Write the digits 1 to 4."]
     ids, mask = encode_prompts(tok, prompts, device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    out = generate(model, ids, mask, generator=g, **sampling_kwargs(args))
+    show = None
+    if args.show:
+        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+        show = CanvasPrinter(tok, ids.shape[1], args.block_length, model.cfg.mask_token_id, model.cfg.eos_token_id,
+                             args.show_every, color)
+        print(f"### {prompts[0]}")
+    out = generate(model, ids, mask, generator=g, on_step=show, **sampling_kwargs(args))
     dt = time.perf_counter() - t0
     for p, text in zip(prompts, decode_completions(tok, out.completion, model.cfg.eos_token_id)):
         print(f"### {p}\n{text}\n")

@@ -202,3 +202,25 @@ def test_completion_mask_keeps_tokens_up_to_and_including_the_first_eos():
     c = torch.tensor([[5, 6, 1, 1, 7], [5, 5, 5, 5, 5], [1, 9, 9, 1, 1]])
     want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(S.completion_mask(c, 1), want)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_show_prints_the_canvas_after_every_step_with_the_new_tokens_marked(tiny, tok, fast):
+    import re
+    lines = []
+    ids = torch.tensor(encode_chat(tok, ["sudoku 1030020040000301"]))
+    show = S.CanvasPrinter(tok, ids.shape[1], 8, tiny.cfg.mask_token_id, tiny.cfg.eos_token_id, write=lines.append)
+    kw = dict(threshold=0.5, prefix_cache=True) if fast else {}
+    out = S.generate(tiny, ids, gen_length=16, block_length=8, steps=8, on_step=show, **kw)
+    masked = [int(re.search(r"\| +(\d+) masked", line).group(1)) for line in lines]
+    assert masked == sorted(masked, reverse=True) and masked[-1] == 0
+    if not fast:  # exact mode: one line per step, the schedule's 2 tokens committed at each
+        assert len(lines) == 8 and masked == [14, 12, 10, 8, 6, 4, 2, 0]
+        assert all(line.split(" masked | ")[1].count("[") >= 2 for line in lines)
+    assert "block 2/2" in lines[-1]
+    final = lines[-1].split(" masked | ")[1].replace("[", "").replace("]", "")
+    assert "_" not in final and len(out.completion[0]) == 16
+    every = []
+    S.generate(tiny, ids, gen_length=16, block_length=8, steps=8, on_step=S.CanvasPrinter(
+        tok, ids.shape[1], 8, tiny.cfg.mask_token_id, tiny.cfg.eos_token_id, every=3, write=every.append), **kw)
+    assert len(every) < len(lines) and " 0 masked" in every[-1]
