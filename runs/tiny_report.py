@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from eval import read_generation_file, summarize  # noqa: E402
 from rewards import sudoku_reward_func  # noqa: E402
+from runs.plot import text_chart  # noqa: E402
 
 ROWS = [("sft", "SFT"), ("sft_cont", "SFT continued (same labelled set)"), ("grpo", "SFT + diffu-GRPO")]
 
@@ -30,21 +31,6 @@ def heldout_reward(records):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def text_chart(xs, ys, width=60, height=12):
-    """A plain-text line chart of ys against xs (rollout batches)."""
-    lo, hi = min(ys), max(ys)
-    hi = hi if hi > lo else lo + 1e-9
-    grid = [[" "] * width for _ in range(height)]
-    for i, y in enumerate(ys):
-        c = round(i * (width - 1) / max(1, len(ys) - 1))
-        r = round((y - lo) / (hi - lo) * (height - 1))
-        grid[height - 1 - r][c] = "*"
-    lines = [f"{hi:7.3f} |" + "".join(grid[0])] + ["        |" + "".join(g) for g in grid[1:-1]]
-    lines += [f"{lo:7.3f} |" + "".join(grid[-1]), "        +" + "-" * width,
-              f"         rollout batch {xs[0]} .. {xs[-1]} (training reward, mean over each batch's rollouts)"]
-    return "\n".join(lines)
 
 
 def smooth(ys, k=5):
@@ -89,8 +75,11 @@ def main(out):
     grpo = read_jsonl(os.path.join(out, "grpo", "metrics.jsonl"))
     xs = [m["batch"] for m in grpo]
     ys = smooth([m["reward"] for m in grpo])
-    chart = text_chart(xs, ys)
-    report = f"{header}\n\n{table}\n\nReward curve (diffu-GRPO, 5-batch moving average):\n\n```\n{chart}\n```\n"
+    chart = text_chart({"reward": (xs, ys)}, xlabel="rollout batch")
+    val = text_chart({"validation loss": ([m["step"] for m in sft_log], [m["eval_loss"] for m in sft_log])},
+                     xlabel="SFT step")
+    report = (f"{header}\n\n{table}\n\nReward curve (diffu-GRPO, training reward, 5-batch moving average):\n\n"
+              f"```\n{chart}\n```\n\nSFT's validation loss:\n\n```\n{val}\n```\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
