@@ -622,10 +622,11 @@ def read_meta(path):
         raise M.UsageError(f"{f}: cannot be read ({e})") from None
 
 
-def export_model(path, model, tokenizer, meta=None, mode="exact"):
+def export_model(path, model, tokenizer, meta=None, mode="exact", base=None):
     """The final model in the official layout. The contract: `--model PATH` loads the policy that was trained.
     mode 'exact' keeps any LoRA adapter beside the base weights (model.load_model applies it); 'merged' folds it in
-    fp32 (model.save_model; refused if the cast would lose more than 1% of the update). Prints how much of the
+    fp32 (model.save_model; refused if the cast would lose more than 1% of the update). A LoRA run also writes
+    PATH/peft/, the whole update as one PEFT LoRA adapter over `base` (model.save_peft). Prints how much of the
     update a merge into the base dtype would keep, so the cost of a bf16 merge is never a surprise."""
     if not is_main():
         return
@@ -636,6 +637,8 @@ def export_model(path, model, tokenizer, meta=None, mode="exact"):
                f"of the LoRA update (the exported model keeps 100%)")
     with atomic_dir(path) as tmp:
         M.save_model(model, tmp, tokenizer, merge=mode == "merged")
+        if M.has_lora(model):
+            M.save_peft(model, os.path.join(tmp, "peft"), base or M.LLADA_HUB_ID)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({**(meta or {}), "export": mode}, f, indent=2, default=str)
 
@@ -806,10 +809,23 @@ class Run:
         if not self.cfg.no_export and not self.halted:
             path = os.path.join(self.cfg.out_dir, "final")
             export_model(path, self.model, self.tok, {"args": config_dict(self.cfg), **(meta or {}), **metrics},
-                         self.cfg.export)
+                         self.cfg.export, base=base_model_of(self.cfg.model))
             print0(f"exported ({self.cfg.export}) to {path}")
         compute_cleanup()
         return metrics
+
+
+def base_model_of(name):
+    """The official base model under `name`: an export of this project names the model its run started from (its
+    meta.json), a PEFT folder its base_model_name_or_path; followed back to a hub id, a plain directory or 'tiny'."""
+    for _ in range(16):
+        meta = os.path.join(name, "meta.json")
+        nxt = M.peft_base(name) or (json.load(open(meta)).get("args", {}).get("model")
+                                    if os.path.isfile(meta) else None)
+        if not nxt or nxt == name:
+            return name
+        name = nxt
+    return name
 
 
 def config_dict(cfg):

@@ -593,8 +593,11 @@ def save_lora(model, out_dir):
 
 
 def load_lora(model, path):
-    """Load an adapter saved by save_lora (a directory or the file); wraps the model first if it has no adapters."""
+    """Load an adapter saved by save_lora (a directory or the file), or a PEFT LoRA folder (load_peft); wraps the
+    model first if it has no adapters."""
     from safetensors import safe_open
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, PEFT_CONFIG)):
+        return load_peft(model, path)
     f = path if path.endswith(".safetensors") else os.path.join(path, ADAPTER_FILE)
     if not os.path.exists(f):
         raise UsageError(f"--adapter {path!r}: no {ADAPTER_FILE} there (a directory written by sft.py or "
@@ -615,6 +618,105 @@ def load_lora(model, path):
         raise KeyError(f"{f}: adapter keys do not match the model (missing e.g. {sorted(missing)[:3]})")
     model.load_state_dict(sd, strict=False)
     return model
+
+
+# -----------------------------------------------------------------------------
+# 4b. PEFT's LoRA format, both ways (no dependency on PEFT: the format is two files). PeftModel wraps the official
+# LLaDAModelLM, whose modules are model.transformer..., so a key reads
+#   base_model.model.model.transformer.blocks.0.q_proj.lora_A.weight   (r, in)     and   ....lora_B.weight (out, r)
+# and the update PEFT adds is (lora_alpha / r) B A, or (lora_alpha / sqrt(r)) B A with use_rslora.
+
+PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+# adapter_config.json fields whose non-default values this implementation does not apply: refused, never ignored.
+PEFT_UNSUPPORTED = {"use_dora": (False, None), "bias": ("none",), "modules_to_save": (None, []),
+                    "layers_to_transform": (None,), "layers_pattern": (None, []), "rank_pattern": ({}, None),
+                    "alpha_pattern": ({}, None), "fan_in_fan_out": (False,), "use_qalora": (False, None),
+                    "lora_bias": (False, None)}
+
+
+def read_peft(path):
+    """(adapter_config, {module path: (A (r, in), B (out, r))}) of a PEFT LoRA folder, checked."""
+    with open(os.path.join(path, PEFT_CONFIG)) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UsageError(f"{path}: a {cfg.get('peft_type')} adapter; only PEFT's LORA is supported")
+    for key, ok in PEFT_UNSUPPORTED.items():
+        if key in cfg and cfg[key] not in ok:
+            raise UsageError(f"{path}/{PEFT_CONFIG}: {key}={cfg[key]!r} is not supported (only plain LoRA: no DoRA, "
+                             f"no bias, no modules_to_save, no per-layer selection or rank/alpha patterns)")
+    weights = os.path.join(path, PEFT_WEIGHTS)
+    if not os.path.exists(weights):
+        raise UsageError(f"{path}: no {PEFT_WEIGHTS} (save the adapter with safe_serialization=True)")
+    factors = {}
+    for key, t in read_safetensors(weights).items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise UsageError(f"{weights}: unexpected key {key!r} (a plain LoRA adapter holds only lora_A/lora_B)")
+        module, which = key[len(PEFT_PREFIX):-len(".lora_A.weight")], key[-len("A.weight")]
+        factors.setdefault(module, {})[which] = t.float()
+    return cfg, {m: (f["A"], f["B"]) for m, f in factors.items()}
+
+
+def load_peft(model, path):
+    """Apply a PEFT LoRA folder to a plain model as its adapter (later stages keep it as frozen factors): every
+    module with factors gets W x + s B A x with PEFT's s = lora_alpha / r (or / sqrt(r) with use_rslora)."""
+    cfg, factors = read_peft(path)
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    modules = dict(model.named_modules())
+    missing = sorted(m for m in factors if m not in modules or not isinstance(modules[m], (nn.Linear, LoRALinear)))
+    if missing:
+        raise UsageError(f"{path}: the adapter adapts modules this model does not have, e.g. {missing[:3]}")
+    if has_lora(model):
+        raise UsageError(f"{path}: the model already carries an adapter; apply one adapter at a time")
+    for name, (A, B) in factors.items():
+        parent, leaf = name.rsplit(".", 1)
+        lin = LoRALinear(modules[name], A.shape[0], 1.0, 0.0)
+        lin.scale = scale
+        with torch.no_grad():
+            lin.lora_A.copy_(A)
+            lin.lora_B.copy_(B)
+        setattr(modules[parent], leaf, lin)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_peft(model, out_dir, base_model_name_or_path):
+    """The model's whole update as ONE PEFT LoRA adapter that PeftModel.from_pretrained(official model, out_dir)
+    loads. One stage: its A, B, r and alpha as trained. Stacked stages (an SFT adapter frozen under the RL one): the
+    factors are stacked, A = [A_frozen; A] (r1 + r2, in) and B = [B_frozen, s B] (out, r1 + r2), so B A is the sum
+    of both updates exactly; lora_alpha = r then makes PEFT's scale 1. Modules with fewer stacked rows are padded
+    with zero rows, which add nothing."""
+    from safetensors.torch import save_file
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    stacked = any(m.lora_frozen_A is not None for m in mods.values())
+    tensors, ranks = {}, {}
+    for name, m in mods.items():
+        A, B = m.lora_A.detach().float(), m.lora_B.detach().float()
+        if stacked:
+            A, B = A, m.scale * B
+            if m.lora_frozen_A is not None:
+                A, B = torch.cat([m.lora_frozen_A, A]), torch.cat([m.lora_frozen_B, B], dim=1)
+        tensors[name] = (A, B)
+        ranks[name] = A.shape[0]
+    r = max(ranks.values())
+    sd = {}
+    for name, (A, B) in tensors.items():
+        pad = r - A.shape[0]
+        A, B = torch.cat([A, A.new_zeros(pad, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+        sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
+        sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
+    m0 = next(iter(mods.values()))
+    alpha = float(r) if stacked else m0.scale * m0.r
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+           "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "bias": "none",
+           "target_modules": sorted({n.rsplit(".", 1)[1] for n in mods}), "modules_to_save": None,
+           "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+           "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "revision": None}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(sd, os.path.join(out_dir, PEFT_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, PEFT_CONFIG), "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -671,8 +773,22 @@ def load_tokenizer(name_or_path):
     return tok
 
 
+def peft_base(path):
+    """The base model a PEFT adapter folder names (base_model_name_or_path), or None when `path` is not one."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, PEFT_CONFIG)) and \
+            not os.path.exists(os.path.join(path, "config.json")):
+        with open(os.path.join(path, PEFT_CONFIG)) as f:
+            return json.load(f).get("base_model_name_or_path") or LLADA_HUB_ID
+    return None
+
+
 def build(name_or_path, dtype=torch.float32, device="cpu", seed=0):
-    """(model, tokenizer) for `--model tiny|PATH|HUB_ID`. 'tiny' is randomly initialised from `seed`."""
+    """(model, tokenizer) for `--model tiny|PATH|HUB_ID`. 'tiny' is randomly initialised from `seed`. A PEFT
+    adapter folder loads its base (base_model_name_or_path) with the adapter applied."""
+    base = peft_base(name_or_path)
+    if base is not None:
+        model, tok = build(base, dtype, device, seed)
+        return load_peft(model, name_or_path), tok
     if name_or_path == "tiny":
         tok = tiny_tokenizer()
         model = LLaDA(tiny_config(tok)).init_weights(torch.Generator().manual_seed(seed))
