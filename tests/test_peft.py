@@ -15,9 +15,10 @@ import model as M
 IDS = torch.randint(0, 90, (2, 14), generator=torch.Generator().manual_seed(5))
 
 
-def write_peft(path, targets=("q_proj", "v_proj"), r=4, alpha=8, **extra):
-    """A PEFT LoRA folder for the tiny model (seed 0), as PEFT's save_pretrained lays it out."""
-    base, _ = M.build("tiny", seed=0)
+def write_peft(path, targets=("q_proj", "v_proj"), r=4, alpha=8, base_name="tiny", **extra):
+    """A PEFT LoRA folder for `base_name` (the tiny model, seed 0, or an official-format checkpoint directory), as
+    PEFT's save_pretrained lays it out."""
+    base, _ = M.build(base_name, seed=0)
     g = torch.Generator().manual_seed(1)
     sd = {}
     for name, mod in base.named_modules():
@@ -27,7 +28,7 @@ def write_peft(path, targets=("q_proj", "v_proj"), r=4, alpha=8, **extra):
             sd[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
     os.makedirs(path, exist_ok=True)
     save_file(sd, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny", "r": r,
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "r": r,
            "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": list(targets), "use_rslora": False,
            "use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None,
            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, **extra}
@@ -41,7 +42,7 @@ def hand_applied(folder):
     cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
     s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
     sd = load_file(os.path.join(folder, "adapter_model.safetensors"))
-    model = M.build("tiny", seed=0)[0] if cfg["base_model_name_or_path"] == "tiny" else None
+    model = M.build(cfg["base_model_name_or_path"], seed=0)[0]
     mods = dict(model.named_modules())
     with torch.no_grad():
         for k, A in sd.items():
@@ -58,6 +59,16 @@ def test_a_peft_folder_loads_with_peft_scaling(tmp_path, rslora):
     torch.testing.assert_close(loaded(IDS), hand_applied(folder)(IDS), atol=2e-5, rtol=0)
     via_adapter = M.load_lora(M.build("tiny", seed=0)[0], folder)  # --adapter PEFT_DIR
     torch.testing.assert_close(via_adapter(IDS), loaded(IDS), atol=0, rtol=0)
+
+
+def test_a_peft_folder_over_an_official_format_checkpoint(tmp_path):
+    from conftest import OFFICIAL_TINY_CONFIG, write_official_checkpoint
+    write_official_checkpoint(str(tmp_path / "llada"), dtype=torch.float32)
+    tok = M.tiny_tokenizer()
+    tok.save_pretrained(str(tmp_path / "llada"))
+    folder = write_peft(tmp_path / "a", targets=("q_proj", "k_proj", "up_proj"), base_name=str(tmp_path / "llada"))
+    ids = IDS.clamp(max=OFFICIAL_TINY_CONFIG["vocab_size"] - 1)
+    torch.testing.assert_close(M.build(folder)[0](ids), hand_applied(folder)(ids), atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("field,value,message", [("use_dora", True, "DoRA"), ("bias", "all", "bias"),
