@@ -316,7 +316,7 @@ def test_resume_continues_exactly_and_rollouts_do_not_depend_on_the_global_rng(t
 
 
 def test_rl_validation_prompts_are_disjoint_from_training_prompts_and_test_items():
-    from data import load_task, rl_split
+    from data import rl_split
     from data.sudoku import split_grids, validation_grids
     train, val = rl_split("sudoku", None, "compact", 2000, 64, 0, (3, 6))
     held = set(validation_grids())

@@ -54,7 +54,7 @@ def test_loss_norm_batch_is_d1s_sum_over_all_answer_tokens_and_equals_ours_at_ba
                         [10, 11, 12, 13, 14, 15, 30, eos]])
     plens, t = torch.tensor([2, 6]), torch.tensor([0.6, 0.9])  # answer lengths 6 and 2
     u = torch.rand(2, 8, generator=torch.Generator().manual_seed(2))
-    sums, lens = [], [6, 2]
+    sums = []  # answer lengths: 6 and 2
     for b in range(2):  # each sequence's sum of CE / p by hand
         p = (1 - 1e-3) * t[b].item() + 1e-3
         masked = [i for i in range(8) if i >= plens[b] and u[b, i] < p]
