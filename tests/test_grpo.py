@@ -351,3 +351,28 @@ def test_eval_every_keeps_the_best_validation_step_ties_the_earlier_and_names_it
         assert torch.equal(a[k], b[k]), k
     logged = [json.loads(line) for line in open(tmp_path / "best" / "metrics.jsonl")]
     assert [r["step"] for r in logged if "eval_accuracy" in r] == [0, 2, 4, 6]
+
+
+def test_every_sampling_flag_diffu_grpo_accepts_reaches_the_sampler(tiny, tok, monkeypatch):
+    """A sampling flag that is accepted and not used is a silent lie (--prefix-cache once was): each of the
+    sampler's flags, set to a non-default value, must arrive in the rollout's generate call."""
+    from sample import SAMPLING_FLAGS
+    seen = {}
+    real = D.generate
+    monkeypatch.setattr(D, "generate", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    values = {"gen_length": 16, "block_length": 8, "steps": 4, "temperature": 0.7, "cfg_scale": 0.5,
+              "remasking": "low_confidence", "threshold": 0.8, "prefix_cache": True}
+    assert set(values) == set(SAMPLING_FLAGS)
+    argv = []
+    for k, v in values.items():
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    M.apply_lora(tiny, 4, 8, generator=torch.Generator().manual_seed(0))
+    args = D.get_args(TINY_RL + ["--num-iterations", "1", "--beta", "0"] + argv)
+    params = [p for p in tiny.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    from data import load_task
+    rows = [load_task("sudoku", "train", style="compact", n=1)[0]]
+    gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "mask"))}
+    D.rl_step(D.Policy(tiny), opt, sched, params, rows, tok, args, 1, gens, contextlib.nullcontext(), "cpu")
+    assert {k: seen[k] for k in values} == values
