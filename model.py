@@ -229,7 +229,8 @@ class LLaDA(nn.Module):
             self.model.transformer["ff_out"] = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward: activations O(layers) -> O(1) blocks
 
-    def forward(self, input_ids, attention_mask=None, *, past_kv=None, return_kv=False, logits_slice=None):
+    def forward(self, input_ids, attention_mask=None, *, past_kv=None, return_kv=False, logits_slice=None,
+                logits_index=None):
         """input_ids (B, T) -> logits (B, T, V) in the weights' dtype.
 
         attention_mask: None or (B, P + T) with 1 = real token, 0 = padding. It only hides padded KEYS; the rows of
@@ -240,6 +241,8 @@ class LLaDA(nn.Module):
         return_kv: also return the per-layer (k, v) of these T positions (to build such a cache).
         logits_slice: a slice of positions that need logits (e.g. only the block being decoded). The LM head is
             the largest matmul for a 126k vocabulary, so this is the sampler's biggest saving.
+        logits_index: (B, m) long, per row the m positions that need logits (the sampler's still-masked positions,
+            which differ between rows): logits (B, m, V).
         """
         B, T = input_ids.shape
         P = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -261,6 +264,8 @@ class LLaDA(nn.Module):
                 kvs.append(kv)
         if logits_slice is not None:
             h = h[:, logits_slice]
+        if logits_index is not None:
+            h = h.gather(1, logits_index[..., None].expand(-1, -1, h.shape[-1]))  # (B, m, D)
         h = self.model.transformer.ln_f(h)
         t = self.model.transformer
         # (B, T', V); no logit scaling in LLaDA. Call the head module (not its weight) so a LoRA wrapper applies.

@@ -164,15 +164,18 @@ class _Forward:
         self.attn = attn if cfg_scale <= 0 or attn is None else torch.cat([attn, attn])
         self.passes = self.full_passes = self.query_tokens = 0
 
-    def __call__(self, x, s, e, cache=None, want_kv=False):
+    def __call__(self, x, s, e, cache=None, want_kv=False, index=None):
+        """Logits for canvas positions [s, e), or with `index` (B, m) for those positions of each row only."""
         inp = x
         if self.cfg_scale > 0:
             un = x.clone()
             un[:, :self.P] = self.mask_id
             inp = torch.cat([x, un])
         start = 0 if cache is None else s  # with a prefix cache only [s, end) is run as queries
-        out = self.model(inp[:, start:], self.attn, past_kv=cache, return_kv=want_kv,
-                         logits_slice=slice(s - start, e - start))
+        where = dict(logits_slice=slice(s - start, e - start))
+        if index is not None:
+            where = dict(logits_index=(index if self.cfg_scale <= 0 else torch.cat([index, index])) - start)
+        out = self.model(inp[:, start:], self.attn, past_kv=cache, return_kv=want_kv, **where)
         logits, kv = out if want_kv else (out, None)
         self.passes += 1
         self.full_passes += cache is None
@@ -188,15 +191,21 @@ def exact_block(fwd, x, s, e, steps, temperature, remasking, generator, mask_id,
     x, in place: for each of `steps` steps, predict every masked position from the whole canvas, then commit the k most
     confident proposals inside the block (k from the linear schedule) and leave the others masked. Every row starts
     the block fully masked, so the schedule is the same for all rows (the reference recomputes it per row from the
-    mask count; the result is identical)."""
+    mask count; the result is identical).
+
+    Only what decides a token is computed: the LM head, the softmax, the confidence and the noise run on the m
+    positions of the block still masked, not on all of them (a committed position's proposal would be thrown away).
+    Every row has the same m (all start the block masked and commit k per step), so they form a (B, m) index. The
+    reference draws Gumbel noise for the whole block; a position's noise is independent of the others', so drawing
+    it for the masked ones only leaves each position's distribution unchanged (tests/test_sample.py replays it)."""
     block = x[:, s:e]  # a view: writing into it writes the canvas
     for k in transfer_schedule(e - s, steps):
-        logits, _ = fwd(x, s, e)
-        x0, conf = propose(logits, temperature, remasking, generator)  # (B, Lb) each
-        conf = torch.where(block == mask_id, conf, -math.inf)  # committed positions are never chosen again
+        pos = (block == mask_id).nonzero()[:, 1].view(len(block), -1)  # (B, m) offsets of the masked positions
+        logits, _ = fwd(x, s, e, index=s + pos)  # (B, m, V)
+        x0, conf = propose(logits, temperature, remasking, generator)  # (B, m) each
         if k > 0:
-            idx = conf.topk(k, dim=-1).indices  # (B, k); k <= masked count by construction
-            block.scatter_(1, idx, x0.gather(1, idx))
+            top = conf.topk(k, dim=-1).indices  # (B, k) of the m; k <= m by construction
+            block.scatter_(1, pos.gather(1, top), x0.gather(1, top))
         if on_step:
             on_step(x, s, e)
 

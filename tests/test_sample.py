@@ -12,8 +12,10 @@ def reference_generate(model, x_prompt, attn, gen_length, block_length, steps, t
                        remasking="low_confidence", mask_id=2, generator=None):
     """A plain transcription of LLaDA's reference sampler: full-canvas logits, full softmax, the transfer count
     recomputed per row from the mask count, and a Python loop over rows for the top-k. The only liberty: random
-    numbers are drawn with the same shapes and order as sample.generate (one draw for the current block per step),
-    which is equivalent since positions outside the block get confidence -inf anyway."""
+    numbers are drawn with the same shapes and order as sample.generate: one draw per step for the positions of
+    the current block that are still masked, row by row. LLaDA draws them for every position; each position's draw
+    is independent and only a masked position's proposal is used, so this replays the same uniforms where they
+    matter and leaves every position's distribution unchanged."""
     B, P = x_prompt.shape
     x = torch.cat([x_prompt, torch.full((B, gen_length), mask_id)], dim=1)
     attn = None if attn is None else torch.cat([attn, torch.ones(B, gen_length, dtype=attn.dtype)], dim=1)
@@ -38,9 +40,13 @@ def reference_generate(model, x_prompt, attn, gen_length, block_length, steps, t
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
             else:
                 logits = model(x, attn)
+            blk = mask_index[:, s:e]  # (B, Lb) the block's masked positions: the same count in every row
             if temperature > 0:
                 noise = torch.ones(logits.shape, dtype=torch.float64)
-                noise[:, s:e] = torch.rand((B, e - s, logits.shape[-1]), generator=generator, dtype=torch.float64)
+                u = torch.rand((B, int(blk[0].sum()), logits.shape[-1]), generator=generator, dtype=torch.float64)
+                block_noise = noise[:, s:e].clone()
+                block_noise[blk] = u.view(-1, logits.shape[-1])
+                noise[:, s:e] = block_noise
                 x0 = (logits.double().exp() / (-torch.log(noise)) ** temperature).argmax(-1)
             else:
                 x0 = logits.argmax(-1)
@@ -49,7 +55,9 @@ def reference_generate(model, x_prompt, attn, gen_length, block_length, steps, t
                 x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
                 x0_p = torch.zeros(x.shape)
-                x0_p[:, s:e] = torch.rand((B, e - s), generator=generator)
+                block_p = torch.zeros(B, e - s)
+                block_p[blk] = torch.rand((B, int(blk[0].sum())), generator=generator).view(-1)
+                x0_p[:, s:e] = block_p
             x0_p[:, e:] = -math.inf
             x0 = torch.where(mask_index, x0, x)
             confidence = torch.where(mask_index, x0_p, -math.inf)
