@@ -216,29 +216,35 @@ def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remask
     threshold=tau: commit every masked proposal with confidence >= tau, and at least the most confident one per row,
         until the block is full (`steps` is then unused).
     prefix_cache: one full forward at the start of the block; its keys/values for the positions before the block
-        are reused while the block is decoded, so later steps run only [block ; rest of canvas] as queries."""
+        are reused while the block is decoded, so later steps run only [block ; rest of canvas] as queries.
+    As in exact_block, only the block's still-masked positions get logits, softmax and noise. With a threshold the
+    rows hold different numbers of masked positions: each row's masked positions come first in `pos` (B, m_max),
+    padded with committed ones whose confidence is -inf, so they are never chosen."""
     block, cache, step = x[:, s:e], None, 0
     schedule = transfer_schedule(e - s, steps) if threshold is None else None
     while threshold is not None or step < steps:
+        masked = block == mask_id  # (B, Lb)
+        m = int(masked.sum(1).max())
+        pos = (~masked).to(torch.int8).argsort(dim=1, stable=True)[:, :m]  # (B, m): masked positions first
+        valid = masked.gather(1, pos)  # (B, m): False on the padding
         if prefix_cache and step > 0:
-            logits, _ = fwd(x, s, e, cache=cache)
+            logits, _ = fwd(x, s, e, cache=cache, index=s + pos)
         else:
-            logits, kv = fwd(x, s, e, want_kv=prefix_cache)
+            logits, kv = fwd(x, s, e, want_kv=prefix_cache, index=s + pos)
             if prefix_cache:  # freeze keys/values of everything before the block: (B, Hkv, s, hd) per layer
                 cache = [(k[:, :, :s], v[:, :, :s]) for k, v in kv]
                 del kv
-        x0, conf = propose(logits, temperature, remasking, generator)
-        masked = block == mask_id
-        conf = torch.where(masked, conf, -math.inf)
+        x0, conf = propose(logits, temperature, remasking, generator)  # (B, m)
+        conf = torch.where(valid, conf, -math.inf)
         if threshold is None:
             if schedule[step] > 0:
-                idx = conf.topk(schedule[step], dim=-1).indices
-                block.scatter_(1, idx, x0.gather(1, idx))
+                top = conf.topk(schedule[step], dim=-1).indices
+                block.scatter_(1, pos.gather(1, top), x0.gather(1, top))
         else:
-            commit = masked & (conf >= threshold)
+            commit = valid & (conf >= threshold)
             best = conf.argmax(-1, keepdim=True)  # at least one token per row per step (if any is left)
-            commit.scatter_(1, best, masked.gather(1, best))
-            block.copy_(torch.where(commit, x0, block))
+            commit.scatter_(1, best, valid.gather(1, best))
+            block.scatter_(1, pos, torch.where(commit, x0, block.gather(1, pos)))
         if on_step:
             on_step(x, s, e)
         if threshold is not None and not bool((block == mask_id).any()):
