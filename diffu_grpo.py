@@ -328,7 +328,8 @@ def training_prompts(cfg, model, tok, rank, world, device, autocast):
                          **sudoku_kwargs(cfg.task, cfg.blanks)), None
     ds, val = rl_split(cfg.task, cfg.data_path, cfg.prompt_style, cfg.train_n, cfg.eval_n, seed, cfg.blanks)
     where = "puzzles on held-out training grids" if cfg.task == "sudoku" else "the tail of the training split"
-    print0(f"validation: {len(val)} prompts ({where}), every {cfg.eval_every} steps at temperature {cfg.eval_temperature}, sharded over {world} rank(s)")
+    print0(f"validation: {len(val)} prompts ({where}), every {cfg.eval_every} steps at temperature "
+           f"{cfg.eval_temperature}, sharded over {world} rank(s)")
     return ds, validation(cfg, model, tok, list(val), rank, world, device, autocast)
 
 

@@ -33,6 +33,15 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def curves(xs, ys, sft_log):
+    """The reward curve and SFT's validation curve as text charts (runs/plot.py), for report.md."""
+    chart = text_chart({"reward": (xs, ys)}, xlabel="rollout batch")
+    val = text_chart({"validation loss": ([m["step"] for m in sft_log], [m["eval_loss"] for m in sft_log])},
+                     xlabel="SFT step")
+    return (f"Reward curve (diffu-GRPO, training reward, 5-batch moving average):\n\n```\n{chart}\n```\n\n"
+            f"SFT's validation loss:\n\n```\n{val}\n```\n")
+
+
 def smooth(ys, k=5):
     return [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
 
@@ -75,11 +84,7 @@ def main(out):
     grpo = read_jsonl(os.path.join(out, "grpo", "metrics.jsonl"))
     xs = [m["batch"] for m in grpo]
     ys = smooth([m["reward"] for m in grpo])
-    chart = text_chart({"reward": (xs, ys)}, xlabel="rollout batch")
-    val = text_chart({"validation loss": ([m["step"] for m in sft_log], [m["eval_loss"] for m in sft_log])},
-                     xlabel="SFT step")
-    report = (f"{header}\n\n{table}\n\nReward curve (diffu-GRPO, training reward, 5-batch moving average):\n\n"
-              f"```\n{chart}\n```\n\nSFT's validation loss:\n\n```\n{val}\n```\n")
+    report = f"{header}\n\n{table}\n\n{curves(xs, ys, sft_log)}"
     try:
         import matplotlib
         matplotlib.use("Agg")
