@@ -144,7 +144,7 @@ def build_parser(cls, description, presets):
     with its default and, where a preset changes it, the preset's value. Flags the user does not give are absent
     from the parsed namespace (SUPPRESS), so parse_config can tell typed values from defaults."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 argument_default=argparse.SUPPRESS)
+                                 argument_default=argparse.SUPPRESS, usage="%(prog)s [FLAGS] (every flag: --help)")
     groups = {g: ap.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(cls):
         kw, d = dict(f.metadata["kw"]), f.default
@@ -473,7 +473,7 @@ def atomic_dir(final):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     yield tmp
-    crash_point("write")  # (tests: a kill with half of FINAL.tmp written)
+    crash_point("write")  # (tests: a kill with FINAL.tmp written but not yet flushed or renamed)
     _fsync_tree(tmp)
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)

@@ -14,8 +14,8 @@ stay masked (and visible) until their turn.
 
 This is the hot loop of the whole project (RL rollouts and evaluation are nearly all sampling), so the exact mode does
 only the work the semantics need:
-  - Only the current block's positions can be committed, so only they get logits: the LM head (126k x 4096 for
-    LLaDA-8B) runs on block_length rows instead of the whole canvas, and so do softmax and Gumbel noise.
+  - Only the current block's still-masked positions can be committed, so only they get logits: the LM head (126k x
+    4096 for LLaDA-8B) runs on those rows instead of the whole canvas, and so do softmax and Gumbel noise.
   - The number of tokens committed per step is known in advance (all rows start each block fully masked), so the
     top-k is one batched torch.topk with a Python int: no per-row loop, no host syncs in the loop.
 Fast mode (off by default) changes the outputs: it commits every proposal above a confidence threshold, and/or
@@ -198,16 +198,25 @@ def exact_block(fwd, x, s, e, steps, temperature, remasking, generator, mask_id,
     Every row has the same m (all start the block masked and commit k per step), so they form a (B, m) index. The
     reference draws Gumbel noise for the whole block; a position's noise is independent of the others', so drawing
     it for the masked ones only leaves each position's distribution unchanged (tests/test_sample.py replays it)."""
-    block = x[:, s:e]  # a view: writing into it writes the canvas
+    block, m = x[:, s:e], e - s  # block: a view, writing into it writes the canvas; m: masked per row
     for k in transfer_schedule(e - s, steps):
-        pos = (block == mask_id).nonzero()[:, 1].view(len(block), -1)  # (B, m) offsets of the masked positions
+        pos, _ = masked_first(block, mask_id, m)  # (B, m) offsets of the masked positions
         logits, _ = fwd(x, s, e, index=s + pos)  # (B, m, V)
         x0, conf = propose(logits, temperature, remasking, generator)  # (B, m) each
         if k > 0:
             top = conf.topk(k, dim=-1).indices  # (B, k) of the m; k <= m by construction
             block.scatter_(1, pos.gather(1, top), x0.gather(1, top))
+            m -= k
         if on_step:
             on_step(x, s, e)
+
+
+def masked_first(block, mask_id, m):
+    """(pos (B, m), valid (B, m)): each row's masked positions of the block in order, first, then (for a row with
+    fewer than m) committed ones, flagged invalid. A stable sort and a Python int m: no host sync."""
+    masked = block == mask_id
+    pos = (~masked).to(torch.int8).argsort(dim=1, stable=True)[:, :m]
+    return pos, masked.gather(1, pos)
 
 
 def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remasking, generator, mask_id,
@@ -220,13 +229,10 @@ def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remask
     As in exact_block, only the block's still-masked positions get logits, softmax and noise. With a threshold the
     rows hold different numbers of masked positions: each row's masked positions come first in `pos` (B, m_max),
     padded with committed ones whose confidence is -inf, so they are never chosen."""
-    block, cache, step = x[:, s:e], None, 0
+    block, cache, step, m = x[:, s:e], None, 0, e - s  # m: the most masked positions in any row
     schedule = transfer_schedule(e - s, steps) if threshold is None else None
     while threshold is not None or step < steps:
-        masked = block == mask_id  # (B, Lb)
-        m = int(masked.sum(1).max())
-        pos = (~masked).to(torch.int8).argsort(dim=1, stable=True)[:, :m]  # (B, m): masked positions first
-        valid = masked.gather(1, pos)  # (B, m): False on the padding
+        pos, valid = masked_first(block, mask_id, m)  # (B, m) each; valid is False on the padding
         if prefix_cache and step > 0:
             logits, _ = fwd(x, s, e, cache=cache, index=s + pos)
         else:
@@ -240,14 +246,16 @@ def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remask
             if schedule[step] > 0:
                 top = conf.topk(schedule[step], dim=-1).indices
                 block.scatter_(1, pos.gather(1, top), x0.gather(1, top))
+                m -= schedule[step]
         else:
             commit = valid & (conf >= threshold)
             best = conf.argmax(-1, keepdim=True)  # at least one token per row per step (if any is left)
             commit.scatter_(1, best, valid.gather(1, best))
             block.scatter_(1, pos, torch.where(commit, x0, block.gather(1, pos)))
+            m = int((block == mask_id).sum(1).max())  # rows commit different numbers (one host sync per step)
         if on_step:
             on_step(x, s, e)
-        if threshold is not None and not bool((block == mask_id).any()):
+        if threshold is not None and m == 0:
             break
         step += 1
 

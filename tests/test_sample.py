@@ -201,9 +201,11 @@ def test_impossible_settings_raise_with_a_message(tiny, tok, kw, msg):
 
 
 def test_more_steps_than_tokens_warns(tiny, tok):
-    ids, mask = batch(tok, ["ab"])
-    with pytest.warns(UserWarning, match="waste"):
-        S.generate(tiny, ids, mask, gen_length=8, block_length=8, steps=16)
+    ids, mask = batch(tok, ["ab", "cd"])  # two rows: the steps after the block is full see no masked position
+    for kw in ({}, dict(prefix_cache=True)):
+        with pytest.warns(UserWarning, match="waste"):
+            out = S.generate(tiny, ids, mask, gen_length=8, block_length=8, steps=16, **kw)
+        assert out.forward_passes == 16 and not (out.completion == tok.mask_token_id).any()
 
 
 def test_completion_mask_keeps_tokens_up_to_and_including_the_first_eos():
