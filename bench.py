@@ -46,42 +46,123 @@ CONFIGS = {
 }
 
 
-@torch.no_grad()
 def reference_style_generate(model, prompt, attn, gen_length, block_length, steps, temperature, mask_id,
-                             max_blocks=None):
-    """The public code's loop, costs included: full-canvas logits and softmax (in the logits' dtype), float64 Gumbel
-    noise over the canvas x vocabulary at temperature > 0, per-row top-k. Semantics equal sample.generate's exact
-    mode."""
+                             max_blocks=None, grad=False, noise_dtype=torch.float64, phases=None):
+    """LLaDA's generate.py loop, costs included: full-canvas logits and softmax (in the logits' dtype), float64
+    Gumbel noise over the canvas x vocabulary at temperature > 0, a Python loop over rows for the top-k. Semantics
+    equal sample.generate's exact mode. The sampler inside d1's trainer is the same loop with autograd on (grad=True)
+    and the noise in the model's dtype (noise_dtype). phases: a dict that receives the seconds spent in the forward
+    pass, the noise and the rest (softmax, top-k)."""
     B, P = prompt.shape
     x = torch.cat([prompt, torch.full((B, gen_length), mask_id, device=prompt.device)], 1)
     attn = torch.cat([attn, torch.ones((B, gen_length), dtype=attn.dtype, device=attn.device)], 1)
     nb = gen_length // block_length
     spb = steps // nb
     passes = 0
-    for b in range(nb if max_blocks is None else min(nb, max_blocks)):
-        s, e = P + b * block_length, P + (b + 1) * block_length
-        m = (x[:, s:e] == mask_id).sum(1, keepdim=True)
-        k = (m // spb).repeat(1, spb)
-        for j in range(B):
-            k[j, : int(m[j] % spb)] += 1
-        for i in range(spb):
-            mask_index = x == mask_id
-            logits = model(x, attn)
-            passes += 1
-            if temperature > 0:
-                l64 = logits.to(torch.float64)
-                x0 = (l64.exp() / (-torch.log(torch.rand_like(l64))) ** temperature).argmax(-1)
-            else:
-                x0 = logits.argmax(-1)
-            p = F.softmax(logits, dim=-1)
-            conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
-            conf[:, e:] = -math.inf
-            x0 = torch.where(mask_index, x0, x)
-            conf = torch.where(mask_index, conf, -math.inf)
+    clock = Clock(prompt.device, phases)
+    with torch.set_grad_enabled(grad):
+        for b in range(nb if max_blocks is None else min(nb, max_blocks)):
+            s, e = P + b * block_length, P + (b + 1) * block_length
+            m = (x[:, s:e] == mask_id).sum(1, keepdim=True)
+            k = (m // spb).repeat(1, spb)
             for j in range(B):
-                idx = torch.topk(conf[j], int(k[j, i])).indices
-                x[j, idx] = x0[j, idx]
-    return x[:, P:], passes
+                k[j, : int(m[j] % spb)] += 1
+            for i in range(spb):
+                mask_index = x == mask_id
+                with clock("forward"):
+                    logits = model(x, attn)  # (B, P + L, V): every position of the canvas
+                passes += 1
+                with clock("noise"):
+                    if temperature > 0:
+                        ln = logits.to(noise_dtype)
+                        x0 = (ln.exp() / (-torch.log(torch.rand_like(ln))) ** temperature).argmax(-1)
+                        del ln
+                    else:
+                        x0 = logits.argmax(-1)
+                with clock("softmax and top-k"):
+                    p = F.softmax(logits, dim=-1)
+                    conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+                    conf[:, e:] = -math.inf
+                    x0 = torch.where(mask_index, x0, x)
+                    conf = torch.where(mask_index, conf, -math.inf)
+                    for j in range(B):
+                        idx = torch.topk(conf[j], int(k[j, i])).indices
+                        x[j, idx] = x0[j, idx]
+                    del p, logits
+    return x[:, P:].detach(), passes
+
+
+def d1_style_logps(model, prompt_ids, prompt_attn, completion, pattern, mask_id):
+    """The one-step estimator as d1's trainer computes it: logits for the WHOLE sequence (B, P + L, V), then the
+    completion's slice, then log-softmax at the completion tokens. Same numbers as diffu_grpo.per_token_logps."""
+    P, L = prompt_ids.shape[1], completion.shape[1]
+    x = D.masked_input(prompt_ids, pattern, L, mask_id)
+    logits = model(x, torch.cat([prompt_attn, torch.ones_like(completion)], 1))[:, P:].float()
+    return logits.gather(-1, completion[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def d1_style_step(policy, opt, params, rows, tok, cfg, gens, device):
+    """One rollout batch the way d1's DiffuGRPOTrainer spends it: the same calls of the same shapes as
+    diffu_grpo.rl_step (sampler forwards, mu old and mu ref passes, mu forward+backward, mu optimizer steps), with
+    d1's costs: the reference-style sampler with autograd on, full-sequence logits in every log-prob pass.
+    Returns {phase: seconds}."""
+    model, G, mu, mask_id = policy.model, cfg.num_generations, cfg.num_iterations, policy.model.cfg.mask_token_id
+    t, clock = {}, Clock(device, None)
+    clock.phases = t
+    rows = [r for r in rows for _ in range(G)]
+    prompt_ids, prompt_attn, _ = D.encode_rollout_prompts(tok, rows, cfg.max_prompt_length, device)
+    model.train(cfg.rollout_mode == "train")
+    inside = {}  # the sampler's own split: forward, noise, softmax and top-k
+    with clock("generation"):
+        torch.manual_seed(0)  # the reference draws from the global generator
+        completion, _ = reference_style_generate(model, prompt_ids, prompt_attn, cfg.gen_length, cfg.block_length,
+                                                 cfg.steps, cfg.temperature, mask_id, grad=True,
+                                                 noise_dtype=next(model.parameters()).dtype, phases=inside)
+    t["noise"] = inside.get("noise", 0.0)
+    with clock("rewards"):
+        cmask = S.completion_mask(completion, model.cfg.eos_token_id).float()
+        texts = S.decode_completions(tok, completion, model.cfg.eos_token_id)
+        _, adv, _ = D.score_rollouts(rows, texts, D.reward_functions(cfg), G, cfg.scale_rewards)
+        adv = adv.to(device)
+    patterns = D.prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)
+    with clock("old + ref log-probs"), torch.no_grad():  # old: only when mu > 1, as in rl_step
+        old = [d1_style_logps(model, prompt_ids, prompt_attn, completion, patterns[j], mask_id) if mu > 1 else None
+               for j in range(mu)]
+        with policy.ref_context():
+            ref = [d1_style_logps(model, prompt_ids, prompt_attn, completion, patterns[j], mask_id)
+                   for j in range(mu)] if cfg.beta > 0 else [None] * mu
+    with clock("inner updates"):
+        model.train()
+        for j in range(mu):
+            for i in range(0, len(rows), cfg.micro_batch_size):
+                sl = slice(i, i + cfg.micro_batch_size)
+                logp = d1_style_logps(model, prompt_ids[sl], prompt_attn[sl], completion[sl], patterns[j][sl],
+                                      mask_id)
+                ref_j = None if ref[j] is None else ref[j][sl]
+                old_j = logp.detach() if old[j] is None else old[j][sl]
+                loss, _ = D.grpo_token_loss(logp, old_j, ref_j, adv[sl], cmask[sl], cfg.epsilon, cfg.beta)
+                (loss / cmask.sum().clamp(min=1)).backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return t
+
+
+class Clock:
+    """with clock("name"): ... adds the block's seconds to phases["name"] (synchronising a GPU first)."""
+
+    def __init__(self, device, phases):
+        self.device, self.phases = device, phases
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        if self.phases is not None:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
 
 
 def timed(fn, device):
@@ -108,9 +189,10 @@ def bench_sampler(model, prompt, attn, args, device):
     g = lambda: torch.Generator(device=device).manual_seed(0)
     rows = []
     ref_blocks = args.ref_blocks if args.ref_blocks > 0 else nb
+    phases = {}
     (ref_out, ref_passes), t_ref = timed(lambda: reference_style_generate(
         model, prompt, attn, L, args.block_length, args.steps, args.temperature, model.cfg.mask_token_id,
-        max_blocks=ref_blocks), device)
+        max_blocks=ref_blocks, phases=phases), device)
     per_step = t_ref / ref_passes
     t_ref_full = per_step * args.steps
     note = "" if ref_blocks == nb else f" (measured {ref_passes} steps, projected)"
@@ -131,43 +213,89 @@ def bench_sampler(model, prompt, attn, args, device):
         rows.append([name, out.forward_passes, out.full_passes, f"{t / out.forward_passes:.3f}", f"{t:.1f}",
                      f"{B * L / t:.1f}",
                      f"{t_ref_full / t:.2f}x", same if name == "ours, exact" else "-"])
+    where = ", ".join(f"{k} {v / ref_passes:.3f} s" for k, v in phases.items())
     return table(f"Sampler: batch {B}, prompt {prompt.shape[1]}, gen {L}, block {args.block_length}, "
                  f"{args.steps} steps, temperature {args.temperature}",
                  ["sampler", "forward passes", "full-canvas passes", "s / pass", "total s", "tokens/s", "speed-up",
                   "same tokens (block 1+)"],
-                 rows)
+                 rows) + f"\nOne step of the reference-style loop: {where}.\n"
 
 
-def bench_logprob_and_grpo(model, tok, args, device, sections):
-    """One diffu-GRPO rollout batch with d1's per-device settings, timed by rl_step's own clock."""
-    out = ""
-    M.apply_lora(model, args.lora_r, 64.0, 0.05, generator=torch.Generator().manual_seed(0))
-    rl = D.get_args(["--task", "sudoku", "--gen-length", str(args.gen_length), "--block-length",
-                     str(args.block_length), "--steps", str(args.steps), "--num-iterations", str(args.mu),
-                     "--num-generations", str(args.batch), "--prompts-per-step", "1",
-                     "--micro-batch-size", str(args.batch), "--max-prompt-length", str(args.prompt_len)])
+def rl_config(args):
+    """The diffu-GRPO settings of one rank's rollout batch: one Sudoku prompt x --batch completions."""
+    return D.get_args(["--task", "sudoku", "--gen-length", str(args.gen_length), "--block-length",
+                       str(args.block_length), "--steps", str(args.steps), "--temperature", str(args.temperature),
+                       "--num-iterations", str(args.mu), "--beta", str(args.beta), "--num-generations",
+                       str(args.batch), "--prompts-per-step", "1", "--micro-batch-size", str(args.batch),
+                       "--max-prompt-length", str(args.prompt_len), "--lora-r", str(args.lora_r),
+                       "--lora-targets", args.lora_targets])
+
+
+PHASES = {"generation": ["rollout"], "rewards": ["rewards"], "old + ref log-probs": ["old_logps", "ref_logps"],
+          "inner updates": ["update"]}
+
+
+def bench_grpo(model, tok, args, device, sections):
+    """One rollout batch of diffu-GRPO (rl_step, timed by its own clock) and, unless --skip-d1, the same batch
+    stepped the way d1's trainer does it (d1_style_step), alternating --repeat times from the same weights."""
+    M.apply_lora(model, args.lora_r, 64.0, 0.05, targets=D.lora_targets(args.lora_targets),
+                 generator=torch.Generator().manual_seed(0))
+    cfg = rl_config(args)
     from data import load_task
     rows = [load_task("sudoku", "train", n=1)[0]]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    gens = {k: torch.Generator(device=device).manual_seed(i) for i, k in enumerate(("rollout", "mask"))}
-    (metrics, _), total = timed(lambda: D.rl_step(D.Policy(model), opt, sched, params, rows, tok, rl, 1, gens,
-                                                  contextlib.nullcontext(), device), device)
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "-"
-    t = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("time/")}
+    start = [p.detach().clone() for p in params]
+    policy = D.Policy(model)
+    runs = []
+    for _ in range(args.repeat):
+        for who in (["d1"] if not args.skip_d1 else []) + ["ours"]:
+            with torch.no_grad():
+                for p, p0 in zip(params, start):
+                    p.copy_(p0)
+            opt = torch.optim.AdamW(params, lr=3e-6)
+            gens = {k: torch.Generator(device=device).manual_seed(i) for i, k in enumerate(("rollout", "mask"))}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            if who == "d1":
+                (t, total) = timed(lambda: d1_style_step(policy, opt, params, rows, tok, cfg, gens, device), device)
+            else:
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+                (metrics, _), total = timed(lambda: D.rl_step(policy, opt, sched, params, rows, tok, cfg, 1, gens,
+                                                              contextlib.nullcontext(), device), device)
+                t = {k: sum(metrics[f"time/{n}"] for n in names) for k, names in PHASES.items()}
+            t["whole step"] = total
+            t["peak"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            runs.append((who, t))
+    mean = lambda who, k: sum(t[k] for w, t in runs if w == who) / args.repeat
+    L, N = args.gen_length, args.batch
+    head = (f"diffu-GRPO step: {N} completions of one Sudoku prompt (<= {args.prompt_len} tokens), gen {L}, block "
+            f"{args.block_length}, {args.steps} steps, T {args.temperature}, mu {args.mu}, beta {args.beta}, "
+            f"LoRA r {args.lora_r} on {args.lora_targets}, micro-batch {N}; mean of {args.repeat} run(s)")
+    out = ""
     if "logprob" in sections:
-        per_pass = t["old_logps"] / args.mu
-        out += table("One-step log-prob estimator (forward only, whole rollout batch)",
-                     ["rows", "positions", "s / pass"], [[args.batch, args.prompt_len + args.gen_length,
-                                                          f"{per_pass:.3f}"]])
-    if "grpo" in sections:
-        rows_ = [[k, f"{v:.2f}", f"{100 * v / total:.0f}%"] for k, v in t.items()]
-        rows_.append(["total (incl. rewards)", f"{total:.2f}", "100%"])
-        out += table(f"diffu-GRPO rollout batch: {args.batch} completions, mu={args.mu}, LoRA r={args.lora_r}, "
-                     f"peak memory {mem}", ["phase", "s", "share"], rows_)
+        out += table("One-step log-prob estimator (forward only, whole rollout batch)", ["rows", "s / pass"],
+                     [[N, f"{mean('ours', 'old + ref log-probs') / (args.mu * (1 + (args.beta > 0))):.3f}"]])
+    if "grpo" not in sections:
+        return out
+    keys = list(PHASES) + ["whole step"]
+    if args.skip_d1:
+        rows_ = [[k, f"{mean('ours', k):.2f}"] for k in keys]
+        out += table(head, ["phase", "ours, s"], rows_)
+    else:
+        rows_ = [[k, f"{mean('d1', k):.2f}", f"{mean('ours', k):.2f}", f"{mean('d1', k) / max(mean('ours', k), 1e-9):.2f}x"]
+                 for k in keys]
+        per_run = [f"{d['whole step'] / o['whole step']:.2f}x" for (_, d), (_, o) in zip(runs[0::2], runs[1::2])]
+        out += table(head, ["phase", "d1-style step, s", "ours, s", "ratio"], rows_)
+        out += f"\nWhole-step ratio per run: {', '.join(per_run)}\n"
+        bare = mean("d1", "whole step") - mean("d1", "noise")
+        out += (f"\nThe d1-style sampler's noise took {mean('d1', 'noise'):.2f} s of its generation. Without any noise "
+                f"(a lower bound for a step with full-canvas logits) the d1-style step takes {bare:.2f} s: "
+                f"{bare / mean('ours', 'whole step'):.2f}x ours.\n")
+    ours = [t for w, t in runs if w == "ours"]
+    peak = ours[-1]["peak"]
+    out += (f"\nOurs: {N * L / mean('ours', 'generation'):.1f} generated tokens/s, {mean('ours', 'whole step'):.2f} s "
+            f"per rollout batch ({args.mu} optimizer steps), peak memory "
+            f"{'-' if peak is None else f'{peak:.1f} GiB'}\n")
     return out
 
 
@@ -208,7 +336,11 @@ def main(argv=None):
                     help="time only the reference loop and exact mode (random weights never reach a 0.9 confidence, "
                          "so threshold decoding degenerates to one token per step on them)")
     ap.add_argument("--mu", type=int, default=12, help="inner iterations in the GRPO step")
+    ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient in the GRPO step (0: no reference passes)")
     ap.add_argument("--lora-r", type=int, default=128, help="LoRA rank in the GRPO step")
+    ap.add_argument("--skip-d1", action="store_true",
+                    help="time only our GRPO step, not also the step written the way d1's trainer works")
+    ap.add_argument("--repeat", type=int, default=1, help="GRPO step: runs of each side, alternating")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="append the tables to this markdown file")
     # Memory plan
@@ -216,7 +348,7 @@ def main(argv=None):
     ap.add_argument("--micro-batch-size", type=int, default=6, help="--plan: update micro-batch (d1: 6)")
     ap.add_argument("--logp-batch-size", type=int, default=None,
                     help="--plan: rows per no-grad old/ref log-prob forward (default: --micro-batch-size)")
-    ap.add_argument("--lora-targets", default="d1", help="--plan: 'd1', 'wide' or module names (see diffu_grpo.py)")
+    ap.add_argument("--lora-targets", default="d1", help="'d1', 'wide' or module names (see diffu_grpo.py)")
     ap.add_argument("--grad-ckpt", action="store_true", help="--plan: gradient checkpointing")
     ap.add_argument("--full-ft-reference", action="store_true",
                     help="--plan with --lora-r 0: a frozen reference copy (diffu-GRPO with beta > 0)")
@@ -243,7 +375,7 @@ def main(argv=None):
     if "sampler" in args.sections:
         report += bench_sampler(model, prompt, attn, args, device) + "\n"
     if "logprob" in args.sections or "grpo" in args.sections:
-        report += bench_logprob_and_grpo(model, tok, args, device, args.sections) + "\n"
+        report += bench_grpo(model, tok, args, device, args.sections) + "\n"
     print(report)
     if args.out:
         with open(args.out, "a") as f:

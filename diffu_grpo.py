@@ -246,10 +246,11 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, cfg, world, gens, autoc
     # 1. Rollouts: completion (N, L) token ids, cmask (N, L) 1.0 up to and including the first EOS.
     completion, cmask = rollout(model, prompt_ids, prompt_attn, sampling_kwargs(cfg), gens["rollout"], autocast,
                                 cfg.rollout_mode == "train")
-    timings["rollout"] = time.perf_counter() - t0
+    timings["rollout"], t0 = time.perf_counter() - t0, time.perf_counter()
     # 2. Rewards on the decoded text, then group advantages: total (N,), adv (N,), zero mean within each group.
     texts = decode_completions(tok, completion, model.cfg.eos_token_id)
     total, adv, per_fn = score_rollouts(rows, texts, reward_functions(cfg), G, cfg.scale_rewards)
+    timings["rewards"] = time.perf_counter() - t0
     # 3. mu prompt-mask patterns (mu, N, P), drawn once: update j, its old and its ref pass all use pattern j.
     patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)
     # 4. old and ref log-probs (mu, N, L) each, before the weights move (None where they are not needed).

@@ -215,6 +215,7 @@ def evaluate(model, tok, device, task, L, args, rank, world, out_dir):
                 scores = score_generation(task, text, truth, r["question"])
                 rec = {"task": task, "gen_length": L, "idx": i, "question": r["question"], "input_text": inp,
                        "generation": text, "ground_truth": truth, "length": n, "tokens_per_s": len(batch) * L / dt,
+                       "forward_passes": out.forward_passes, "batch_seconds": dt, "batch_size": len(batch),
                        **scores[args.scoring], "scores": scores}
                 f.write(json.dumps(rec) + "\n")
 

@@ -62,10 +62,11 @@ def propose(logits, temperature, remasking, generator):
     p(x0) = exp(l[x0] - logsumexp(l)), computed in fp32 without materialising the softmax; 'random' remasking
     uses uniform random confidences instead."""
     if temperature > 0:
-        l64 = logits.double()
-        u = torch.rand(l64.shape, generator=generator, device=l64.device, dtype=torch.float64)
-        x0 = (l64 - temperature * torch.log(-torch.log(u))).argmax(-1)
-        del l64, u
+        # g = l - T log(-log u), built in place in ONE float64 tensor (B, m, V): the same numbers as the formula
+        # written out, without its four temporaries of the same size
+        g = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+        x0 = g.log_().neg_().log_().mul_(-temperature).add_(logits).argmax(-1)
+        del g
     else:
         x0 = logits.argmax(-1)
     if remasking == "low_confidence":
