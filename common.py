@@ -25,8 +25,8 @@ import model as M
 # field is also a flag (option() below), so the class IS the --help. Presets (the tiny laptop recipe, d1's per-task
 # values) are tables of overrides, applied under what the user typed: a flag given on the command line always wins.
 
-GROUPS = ("model", "data", "d1's algorithm", "sampling (rollouts)", "optimisation", "run and checkpoints",
-          "debugging probes")
+GROUPS = ("model", "data", "d1's algorithm", "beyond d1 (methods.py)", "sampling (rollouts)", "optimisation",
+          "run and checkpoints", "debugging probes")
 
 
 def option(default, help, group, **argparse_kw):

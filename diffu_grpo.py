@@ -36,6 +36,7 @@ and its per-task and tiny presets are at the bottom; the run around the loop is 
 
     torchrun --nproc_per_node=2 diffu_grpo.py --model out/sft/final --task sudoku     # the same on 2 processes
     torchrun --nproc_per_node=8 diffu_grpo.py --task sudoku --adapter SFT_DIR         # d1's recipe on LLaDA-8B
+    python diffu_grpo.py --model out/sft/final --task sudoku --method spg             # a later objective (methods.py)
 """
 
 import contextlib
@@ -75,12 +76,18 @@ def masked_input(prompt_ids, pattern, gen_length, mask_id):
 
 
 def per_token_logps(model, prompt_ids, prompt_attn, completion_ids, pattern, mask_id, micro_batch=None):
-    """log pi(o_k | q') for every completion position (B, L), fp32, from ONE forward pass per micro-batch. Logits
-    are computed only for the completion positions (logits_slice): the prompt's would be thrown away."""
-    B, P = prompt_ids.shape
-    L = completion_ids.shape[1]
+    """log pi(o_k | q') for every completion position (B, L), fp32, from ONE forward pass per micro-batch."""
+    x = masked_input(prompt_ids, pattern, completion_ids.shape[1], mask_id)
+    return logps_of(model, x, prompt_attn, completion_ids, micro_batch)
+
+
+def logps_of(model, x, prompt_attn, completion_ids, micro_batch=None):
+    """log p(o_k | x) (B, L), fp32, at every completion position of a masked input x (B, P + L); the caller decides
+    what x masks (d1: the whole completion; methods.py's estimators: other patterns). Logits are computed only for
+    the completion positions (logits_slice): the prompt's would be thrown away."""
+    B, L = completion_ids.shape
+    P = x.shape[1] - L
     micro_batch = micro_batch or B
-    x = masked_input(prompt_ids, pattern, L, mask_id)
     attn = torch.cat([prompt_attn, torch.ones_like(completion_ids)], dim=1)
     out = []
     for i in range(0, B, micro_batch):
@@ -164,11 +171,11 @@ def rollout(model, prompt_ids, prompt_attn, sampling, generator, autocast, train
     """Stage 1: one completion per row (each prompt appears G times) from sample.py's masked diffusion sampler,
     with the sampler's settings `sampling` (sample.sampling_kwargs). Returns completion (N, L) and its mask of valid
     tokens (N, L): up to and including the first EOS. The model samples in eval mode (no LoRA dropout) unless
-    train_mode (d1's trainer sampled with dropout on)."""
+    train_mode (d1's trainer sampled with dropout on). Also returns the sampler's forward passes."""
     model.train(train_mode)
     with autocast:
-        completion = generate(model, prompt_ids, prompt_attn, generator=generator, **sampling).completion
-    return completion, completion_mask(completion, model.cfg.eos_token_id).float()
+        out = generate(model, prompt_ids, prompt_attn, generator=generator, **sampling)
+    return out.completion, completion_mask(out.completion, model.cfg.eos_token_id).float(), out.forward_passes
 
 
 def score_rollouts(rows, texts, reward_fns, G, scale_rewards):
@@ -228,12 +235,18 @@ def inner_updates(model, opt, sched, params, batch, patterns, old, ref, *, epsil
             sums["loss"] += loss.item() / n_valid.item() / mu
             sums["kl"] += st.get("kl", torch.tensor(0.0)).item() / n_valid.item() / mu
             sums["clipped"] += st["clipped"].item() / n_valid.item() / mu
-        all_reduce_grads(params, world)
-        sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() / mu
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        sums["grad_norm"] += optimizer_step(params, opt, sched, world, max_grad_norm) / mu
     return sums
+
+
+def optimizer_step(params, opt, sched, world, max_grad_norm):
+    """Gradients averaged over ranks, clipped to max_grad_norm, one optimizer step. Returns the grad norm."""
+    all_reduce_grads(params, world)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
 
 
 def rl_step(policy, opt, sched, params, batch_rows, tok, cfg, world, gens, autocast, device):
@@ -244,30 +257,39 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, cfg, world, gens, autoc
     rows = [r for r in batch_rows for _ in range(G)]  # every prompt G times: N = prompts x G rows, one group each
     prompt_ids, prompt_attn, n_cut = encode_rollout_prompts(tok, rows, cfg.max_prompt_length, device)  # (N, P)
     # 1. Rollouts: completion (N, L) token ids, cmask (N, L) 1.0 up to and including the first EOS.
-    completion, cmask = rollout(model, prompt_ids, prompt_attn, sampling_kwargs(cfg), gens["rollout"], autocast,
-                                cfg.rollout_mode == "train")
+    completion, cmask, rollout_passes = rollout(model, prompt_ids, prompt_attn, sampling_kwargs(cfg), gens["rollout"],
+                                                autocast, cfg.rollout_mode == "train")
     timings["rollout"], t0 = time.perf_counter() - t0, time.perf_counter()
     # 2. Rewards on the decoded text, then group advantages: total (N,), adv (N,), zero mean within each group.
     texts = decode_completions(tok, completion, model.cfg.eos_token_id)
     total, adv, per_fn = score_rollouts(rows, texts, reward_functions(cfg), G, cfg.scale_rewards)
     timings["rewards"] = time.perf_counter() - t0
-    # 3. mu prompt-mask patterns (mu, N, P), drawn once: update j, its old and its ref pass all use pattern j.
-    patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)
-    # 4. old and ref log-probs (mu, N, L) each, before the weights move (None where they are not needed).
-    old, ref = old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, cfg.beta,
-                                 cfg.logp_batch_size or cfg.micro_batch_size, autocast, timings)
-    # 5. mu optimizer steps on the clipped surrogate + beta * KL.
-    t0 = time.perf_counter()
-    sums = inner_updates(model, opt, sched, params, (prompt_ids, prompt_attn, completion, adv.to(device), cmask),
-                         patterns, old, ref, epsilon=cfg.epsilon, beta=cfg.beta, micro_batch=cfg.micro_batch_size,
-                         max_grad_norm=cfg.max_grad_norm, world=world, autocast=autocast)
-    timings["update"] = time.perf_counter() - t0
+    batch = (prompt_ids, prompt_attn, completion, adv.to(device), cmask)
+    if cfg.method != "d1":  # wd1, SPG or ESPO: stages 3-5 with their own masks, estimates and losses (methods.py)
+        import methods  # imported here: it builds on this file's estimator
+        sums, logp_passes = methods.method_updates(policy, opt, sched, params, batch, cfg, world, gens["mask"],
+                                                   autocast, timings)
+    else:
+        # 3. mu prompt-mask patterns (mu, N, P), drawn once: update j, its old and its ref pass all use pattern j.
+        patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)
+        # 4. old and ref log-probs (mu, N, L) each, before the weights move (None where they are not needed).
+        old, ref = old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, cfg.beta,
+                                     cfg.logp_batch_size or cfg.micro_batch_size, autocast, timings)
+        # 5. mu optimizer steps on the clipped surrogate + beta * KL.
+        t0 = time.perf_counter()
+        sums = inner_updates(model, opt, sched, params, batch, patterns, old, ref, epsilon=cfg.epsilon, beta=cfg.beta,
+                             micro_batch=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm, world=world,
+                             autocast=autocast)
+        timings["update"] = time.perf_counter() - t0
+        logp_passes = mu * (1 + (old is not None) + (ref is not None))  # forward passes per completion
+    passes = {"passes/rollout": rollout_passes, "passes/logp": logp_passes}
     if n_cut:
         warn_once("prompt cut", f"{n_cut} of {len(rows)} prompts are longer than --max-prompt-length "
                   f"{cfg.max_prompt_length} and lose their beginning (BOS and instruction first); counted as "
                   f"prompts/truncated in the metrics")
     samples = [(rows[i]["prompt"][-1]["content"][-60:], texts[i], total[i].item()) for i in range(min(2, len(rows)))]
-    return rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, model.cfg.eos_token_id, sched, timings), samples
+    metrics = rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, model.cfg.eos_token_id, sched, timings)
+    return {**metrics, **passes}, samples
 
 
 # -----------------------------------------------------------------------------
@@ -286,7 +308,7 @@ def main(argv=None):
     broadcast_params(params, world)
     opt, sched = make_optimizer(params, cfg, cfg.max_steps)
     ds, validate = training_prompts(cfg, model, tok, rank, world, device, autocast)
-    print0(f"diffu-GRPO on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per rollout "
+    print0(f"{'diffu-GRPO' if cfg.method == 'd1' else cfg.method} on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per rollout "
            f"batch x G={cfg.num_generations}, mu={mu}, beta={cfg.beta}, eps={cfg.epsilon}, p_mask={cfg.p_mask_prompt}, "
            f"T={cfg.temperature} | {sum(p.numel() for p in params):,} trainable params | world {world}")
     if cfg.model == "tiny" and not cfg.adapter:
@@ -348,7 +370,7 @@ def validation(cfg, model, tok, rows, rank, world, device, autocast):
         for i in range(0, len(mine), cfg.micro_batch_size):
             chunk = mine[i:i + cfg.micro_batch_size]
             ids, attn, _ = encode_rollout_prompts(tok, chunk, cfg.max_prompt_length, device)
-            completion, _ = rollout(model, ids, attn, sampling, g, autocast)
+            completion = rollout(model, ids, attn, sampling, g, autocast)[0]
             texts = decode_completions(tok, completion, model.cfg.eos_token_id)
             rewards = score_rollouts(chunk, texts, reward_functions(cfg), 1, False)[0]
             correct = sum(bool(score(cfg.task, t, r)["correct"]) for t, r in zip(texts, chunk))
@@ -391,10 +413,11 @@ def check_memory(cfg, model, dtype, device):
     """The memory plan of this run against the GPU's memory (memory.py); stops before the first step if it does
     not fit, unless --force."""
     targets = lora_targets(cfg.lora_targets)
-    check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size, prompt_len=cfg.max_prompt_length or 256,
+    copies = {"spg": cfg.spg_copies, "espo": 2 * cfg.espo_mc}.get(cfg.method, 1)  # masked copies held per row
+    check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size * copies, prompt_len=cfg.max_prompt_length or 256,
                        completion_len=cfg.gen_length, dtype=dtype, lora_r=cfg.lora_r, lora_targets=targets,
                        grad_ckpt=cfg.grad_ckpt, full_ft_reference=not cfg.lora_r and cfg.beta > 0,
-                       logp_rows=cfg.logp_batch_size or cfg.micro_batch_size), device, cfg.force)
+                       logp_rows=(cfg.logp_batch_size or cfg.micro_batch_size) * copies), device, cfg.force)
 
 
 # The metrics printed each rollout batch (all of them go to metrics.jsonl).
@@ -477,6 +500,18 @@ class GRPOConfig(common.TrainerConfig):
                                     "unset: no cut, and prompts a limit would cut are counted (prompts/truncated)",
                                     "d1's algorithm", type=int)
 
+    method: str = option("d1", "the RL objective: d1 (diffu-GRPO, this file) or one published after it (methods.py): "
+                         "wd1 (ratio-free weighted likelihood), spg (sandwiched ELBO/EUBO bounds), espo (sequence "
+                         "ELBO ratio); each takes its authors' beta and epsilon from a preset", "beyond d1 (methods.py)",
+                         choices=["d1", "wd1", "spg", "espo"])
+    spg_mode: str = option("mix", "SPG's bound for completions with A <= 0: elbo, eubo, or mix = omega EUBO + "
+                           "(1 - omega) ELBO", "beyond d1 (methods.py)", choices=["elbo", "eubo", "mix"])
+    spg_beta: float = option(1.5, "SPG's EUBO exponent (>= 1; authors: 1.5, and 1.0 on Sudoku)", "beyond d1 (methods.py)")
+    spg_omega: float = option(0.5, "SPG's mixture weight omega of the EUBO", "beyond d1 (methods.py)")
+    spg_copies: int = option(2, "SPG's m: block-masked copies of each completion per update", "beyond d1 (methods.py)")
+    espo_mc: int = option(2, "ESPO's M: mask draws per sequence ELBO, each a primary and a complementary pass",
+                          "beyond d1 (methods.py)")
+
     lr: float = shared("lr", 3e-6)
     lr_schedule: str = shared("lr_schedule", "constant")
     warmup_steps: int = shared("warmup_steps", 0)
@@ -529,7 +564,22 @@ class GRPOConfig(common.TrainerConfig):
         require(self.eval_every or not self.keep_best, "--keep-best needs --eval-every N (the validation it keeps by)")
         check_sampling(self.gen_length, self.block_length, self.steps, self.temperature, self.cfg_scale,
                        self.remasking, self.threshold)
+        self.check_method(typed)
         return replace(self, max_steps=-(-self.max_steps // mu) * mu)
+
+
+    def check_method(self, typed):
+        """A flag the chosen --method does not use is refused, not ignored."""
+        unused = {"d1": ["spg_*", "espo_mc"], "wd1": ["beta", "epsilon", "spg_*", "espo_mc"],
+                  "spg": ["beta", "epsilon", "espo_mc"], "espo": ["p_mask_prompt", "spg_*"]}[self.method]
+        for name in typed:
+            require(not any(name == u or (u.endswith("*") and name.startswith(u[:-1])) for u in unused),
+                    f"--{name.replace('_', '-')} is not used by --method {self.method}")
+        require(self.method not in ("wd1", "spg") or self.beta == 0, f"--method {self.method} has no KL term")
+        require(self.spg_beta >= 1 and 0 <= self.spg_omega <= 1 and self.spg_copies >= 1 and self.espo_mc >= 1,
+                "need --spg-beta >= 1 (a Renyi bound), 0 <= --spg-omega <= 1, --spg-copies >= 1 and --espo-mc >= 1")
+        require(self.method != "espo" or self.epsilon < 1, "--method espo clips the sequence ratio to "
+                "[1 - epsilon, 1 + epsilon]: need --epsilon < 1")
 
 
 # d1's per-task values (train.yaml; max_steps: the optimizer step of the checkpoint d1 reports, rounded up to whole
@@ -546,15 +596,25 @@ PRESETS = {
                  weight_decay=0.0, micro_batch_size=64, max_steps=120, sample_every=20),
     "tiny sudoku": dict(blanks=(3, 6)),
     "tiny countdown": dict(data_path="generate"),
+    # The methods of methods.py with their authors' values (their papers' scripts): no KL for wd1 and SPG (nor a
+    # reference pass), ESPO's clip 0.2 and its per-task k2 KL coefficient, SPG's EUBO exponent 1.0 on Sudoku.
+    "wd1": dict(beta=0.0),
+    "spg": dict(beta=0.0),
+    "spg sudoku": dict(spg_beta=1.0),
+    "espo": dict(epsilon=0.2, beta=1e-3),
+    "espo sudoku": dict(beta=1e-2),
+    "espo countdown": dict(beta=3e-3),
 }
 
 
 def choose_presets(typed):
-    """The task's d1 values, then (for --model tiny or an export of a tiny run) the tiny recipe and its task's."""
-    task = typed.get("task", GRPOConfig.task)
-    if common.model_scale(typed.get("model", GRPOConfig.model), typed.get("preset", "auto")) != "tiny":
-        return [task]
-    return [task, "tiny"] + ([f"tiny {task}"] if f"tiny {task}" in PRESETS else [])
+    """The task's d1 values, then (for --model tiny or an export of a tiny run) the tiny recipe and its task's, then
+    the --method's own values."""
+    task, method = typed.get("task", GRPOConfig.task), typed.get("method", GRPOConfig.method)
+    names = [task]
+    if common.model_scale(typed.get("model", GRPOConfig.model), typed.get("preset", "auto")) == "tiny":
+        names += ["tiny", f"tiny {task}"]
+    return [n for n in names + [method, f"{method} {task}"] if n in PRESETS]
 
 
 def get_config(argv=None):
