@@ -75,6 +75,10 @@ SHARED = {
     "resume": ("continue the run in OUT_DIR from its checkpoint, with the same settings (a launch into a directory "
                "that holds a run must say --resume or --overwrite)", "run and checkpoints"),
     "overwrite": ("delete the run in OUT_DIR (metrics, checkpoint, export) and start over", "run and checkpoints"),
+    "time_budget": ("a wall-clock budget in minutes (0 = none): the run ends after the first optimizer step "
+                    "(diffu-GRPO: rollout batch) at which it has trained this long (rank 0's clock; a resumed run "
+                    "counts its earlier time) and exports as at --max-steps; for comparisons at equal time",
+                    "run and checkpoints"),
     "halt_after": ("stop after this optimizer step as if interrupted (checkpoint, no export); continue with "
                    "--resume", "run and checkpoints", dict(type=int)),
     "export": ("how OUT_DIR/final is written for a LoRA run. exact: base weights + adapter.safetensors, loaded back "
@@ -109,6 +113,7 @@ class TrainerConfig:
     resume: bool = shared("resume", False)
     overwrite: bool = shared("overwrite", False)
     halt_after: int = shared("halt_after", None)
+    time_budget: float = shared("time_budget", 0.0)
     export: str = shared("export", "exact")
     no_export: bool = shared("no_export", False)
 
@@ -123,7 +128,7 @@ def check_trainer(c):
     """The checks both trainers' configs share: every count positive, every rate in its range."""
     for name in ("lr", "max_grad_norm", "lora_alpha"):
         require(getattr(c, name) > 0, f"--{name.replace('_', '-')} must be > 0, not {getattr(c, name)}")
-    for name in ("warmup_steps", "weight_decay", "lora_r", "save_every", "save_minutes"):
+    for name in ("warmup_steps", "weight_decay", "lora_r", "save_every", "save_minutes", "time_budget"):
         require(getattr(c, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, not {getattr(c, name)}")
     for name in ("train_n", "halt_after", "max_steps", "micro_batch_size"):
         v = getattr(c, name)
@@ -304,8 +309,8 @@ def maybe_resume(args, model, opt, sched):
 
 RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "final", "final.old")
 # Settings that do not change what a run computes: they may differ between a run and its --resume.
-NOT_MATH = {"out_dir", "resume", "overwrite", "halt_after", "save_every", "save_minutes", "sample_every", "force",
-            "export", "no_export"}
+NOT_MATH = {"out_dir", "resume", "overwrite", "halt_after", "time_budget", "save_every", "save_minutes",
+            "sample_every", "force", "export", "no_export"}
 
 
 def prepare_run_dir(cfg):
@@ -716,6 +721,7 @@ class Run:
         self.log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
         self.params, self.halted, self.stop_early, self.bar = params, False, False, None
         self.signal, self.last_save = 0, time.monotonic()
+        self.clock0 = time.monotonic() - (meta.get("train_seconds", 0.0) if meta else 0.0)  # --time-budget's clock
         self.score, self.sign, self.evaluations = score, -1 if maximize else 1, 0
 
     def steps(self):
@@ -749,7 +755,8 @@ class Run:
     def save(self, step, metrics):
         best = {"best_state": self.best.state} if self.best.state is not None else None
         save_checkpoint(self.ckpt_dir, self.model, self.tok, self.opt, self.sched,
-                        {"step": step, "args": config_dict(self.cfg), "early_stop": self.best.record, **metrics},
+                        {"step": step, "args": config_dict(self.cfg), "early_stop": self.best.record,
+                         "train_seconds": time.monotonic() - self.clock0, **metrics},
                         extra=best)
         self.last_save = time.monotonic()
 
@@ -766,6 +773,7 @@ class Run:
     def end_step(self, step, metrics, shown=None, lines=()):
         """Log, print, checkpoint; True when the loop must stop (early stopping or --halt-after)."""
         self.log.write(step=step, **metrics)
+        self.last_step = step
         if is_main():
             self.bar.write(fmt_metrics(step, metrics if shown is None else
                                        {k: v for k, v in metrics.items() if k in shown}))
@@ -774,7 +782,8 @@ class Run:
         crash_point("step")
         halt = self.cfg.halt_after is not None and step >= self.cfg.halt_after and step < self.total
         late = is_main() and self.cfg.save_minutes and time.monotonic() - self.last_save >= 60 * self.cfg.save_minutes
-        signum, late = self._agree(self.signal, late)
+        spent = is_main() and self.cfg.time_budget and time.monotonic() - self.clock0 >= 60 * self.cfg.time_budget
+        signum, late, spent = self._agree(self.signal, late, spent)
         if signum or halt or late or self.every(step, self.cfg.save_every):
             self.save(step, metrics)
         if signum:
@@ -789,6 +798,9 @@ class Run:
         if halt:
             print0(f"halting after step {step} (--halt-after): checkpoint written; continue with --resume")
             self.halted = True
+            return True
+        if spent and step < self.total:
+            print0(f"time budget of {self.cfg.time_budget:g} minutes spent after step {step} (--time-budget)")
             return True
         return False
 
@@ -808,6 +820,7 @@ class Run:
             metrics.update(best_step=self.best.record["step"], **{key: best})
         if not self.cfg.no_export and not self.halted:
             path = os.path.join(self.cfg.out_dir, "final")
+            metrics.update(train_seconds=time.monotonic() - self.clock0, last_step=getattr(self, "last_step", None))
             export_model(path, self.model, self.tok, {"args": config_dict(self.cfg), **(meta or {}), **metrics},
                          self.cfg.export, base=base_model_of(self.cfg.model))
             print0(f"exported ({self.cfg.export}) to {path}")

@@ -252,3 +252,18 @@ def test_sudoku_answers_random_on_another_task_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         sft.get_args(["--model", "tiny", "--task", "countdown", "--sudoku-answers", "random"])
     assert e.value.code == 2 and "--sudoku-answers random is for --task sudoku" in capsys.readouterr().err
+
+
+def test_time_budget_ends_the_run_after_the_step_that_spends_it_and_a_resume_counts_the_earlier_time(tmp_path):
+    """--time-budget (the arena's equal-time comparisons): the run stops after the first step at which it has
+    trained that long and exports as a finished run would; a resumed run counts the time it had spent."""
+    out = str(tmp_path / "b")
+    run(TINY_SFT + ["--max-steps", "40", "--time-budget", "1e-9", "--out-dir", out])
+    meta = json.load(open(tmp_path / "b" / "final" / "meta.json"))
+    assert meta["last_step"] == 1 and meta["train_seconds"] > 0
+    out = str(tmp_path / "h")
+    run(TINY_SFT + ["--max-steps", "40", "--halt-after", "2", "--out-dir", out])
+    before = json.load(open(tmp_path / "h" / "checkpoint" / "meta.json"))["train_seconds"]
+    run(TINY_SFT + ["--max-steps", "40", "--time-budget", "1e-9", "--resume", "--out-dir", out])
+    meta = json.load(open(tmp_path / "h" / "final" / "meta.json"))
+    assert meta["last_step"] == 3 and meta["train_seconds"] > before > 0
