@@ -32,8 +32,8 @@ DECODE_multi="--gen-length 40 --block-length 8 --steps 20"   # d1's: 2 tokens a 
 TASK="--task sudoku --prompt-style compact --blanks 3 6"     # for eval.py, which has no presets
 PY=${PYTHON:-python3}
 done_() { [ -f "$1/final/meta.json" ]; }
-for K in $KERNELS; do
-  for SEED in $SEEDS; do
+for SEED in $SEEDS; do      # seeds outside, kernels inside: an arena stopped early has both kernels of its seeds
+  for K in $KERNELS; do
     D=$OUT/$K-$SEED
     mkdir -p $D
     if [ "$K" = native ]; then unset ATEN_CPU_CAPABILITY; else export ATEN_CPU_CAPABILITY=$K; fi
