@@ -10,7 +10,11 @@ Sections (each prints a markdown table; --out appends them to a file):
              The reference-style loop is slow, so by default it runs only the first block (--ref-blocks 1) and its
              per-step time is projected to the full run; its block-1 tokens are compared with ours (greedy).
   logprob  - one one-step log-prob pass (the estimator) over the rollout batch, forward only.
-  grpo     - one full diffu-GRPO rollout batch split into rollout / old log-probs / reference log-probs / update.
+  grpo     - one whole diffu-GRPO rollout batch by phase (generation, rewards, old + reference log-probs, the mu
+             inner updates), side by side with the same step written the way d1's trainer works (the reference-style
+             sampler with autograd on and noise in the model's dtype, full-sequence logits in the log-prob passes;
+             --skip-d1 omits it), --repeat times alternating; then ours in generated tokens/s, seconds per rollout
+             batch and peak memory (GPU).
 --plan prints the memory plan of a run instead (memory.py: peak GPU memory per rank, broken down, and the largest
 update micro-batch that fits --gpu-gib); it builds no model, so it runs anywhere in a second or two.
 Configs: cpu-small (4 layers, d_model 256, LLaDA's real 126,464-token vocabulary, so the per-step vocabulary work is
@@ -18,6 +22,8 @@ represented) and llada-8b (the full architecture, random init, bf16: for a GPU).
 
     python bench.py --config cpu-small --temperature 0 --out BENCHMARKS.md
     python bench.py --config llada-8b --device cuda --dtype bfloat16 --sections sampler logprob grpo
+    python bench.py --config cpu-small --sections grpo --gen-length 64 --block-length 32 --steps 32 --temperature 0.3 \
+        --mu 2 --lora-r 8 --repeat 3                              # d1's per-device knobs, ours vs d1-style
     python bench.py --plan --config llada-8b                     # d1's per-device diffu-GRPO setting
     python bench.py --plan --config llada-8b --prompt-len 0 --gen-length 4096 --micro-batch-size 1 \
         --lora-targets q_proj,k_proj,v_proj --grad-ckpt            # d1's SFT on s1K, one example per device
