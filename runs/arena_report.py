@@ -72,19 +72,20 @@ def binned(curves, bins=10):
 
 
 def report(out, methods, modes):
-    runs = sorted(d for d in glob.glob(os.path.join(out, "*-*")) if os.path.isdir(os.path.join(d, "sft", "final")))
-    names = [os.path.basename(d) for d in runs]
-    lines, results = [f"Runs: {len(runs)} ({', '.join(names)}), each from its own SFT model; per mode every arm "
+    every = sorted(d for d in glob.glob(os.path.join(out, "*-*")) if os.path.isdir(os.path.join(d, "sft", "final")))
+    lines, results = ["Runs: <kernel>-<seed>, each from its own SFT model; per mode every arm "
                       "trains for the same wall-clock budget. Held-out: eval.py's clean protocol on the demo's "
                       "held-out puzzles (3-6 blanks, grids never trained on), greedy, decoded the way the mode rolls "
                       "out. Solved and cells: mean +- std over runs (worst run); changes: per run, then mean +- std "
                       "(worst run, runs above)."], {}
     for mode in modes:
-        res = {}
-        for arm in ["sft", "sft_cont"] + methods:
+        res, arms = {}, ["sft", "sft_cont"] + methods
+        runs = [d for d in every if all(os.path.exists(os.path.join(d, mode, f"eval_{a}", "generations.jsonl"))
+                                        for a in arms)]  # the runs whose every arm is evaluated
+        if not runs:
+            continue
+        for arm in arms:
             paths = [os.path.join(d, mode, f"eval_{arm}") for d in runs]
-            if not all(os.path.exists(os.path.join(p, "generations.jsonl")) for p in paths):
-                continue
             res[arm] = {"heldout": [heldout(p) for p in paths]}
             if arm in methods:
                 res[arm]["training"] = [training(os.path.join(d, mode, arm)) for d in runs]
@@ -92,11 +93,10 @@ def report(out, methods, modes):
                 meta = [json.load(open(os.path.join(d, mode, arm, "final", "meta.json"))) for d in runs]
                 res[arm]["train_seconds"] = [m.get("train_seconds") for m in meta]
                 res[arm]["steps"] = [m.get("last_step") for m in meta]
-        if "sft" not in res:
-            continue
-        results[mode] = res
+        results[mode] = {"runs": [os.path.basename(d) for d in runs], **res}
         secs = [s for a in res.values() for s in a.get("train_seconds", []) if s]
         lines += ["", f"### {MODES.get(mode, mode)}", "",
+                  f"{len(runs)} runs: {', '.join(os.path.basename(d) for d in runs)}.", "",
                   f"Training time per arm: {statistics.mean(secs):.0f} s on average (each run stops after the step "
                   f"that spends its budget)." if secs else "",
                   "", "| arm | solved % | cells % | vs SFT start, points | vs equal-time SFT control, points | "
