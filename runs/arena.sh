@@ -14,6 +14,7 @@
 # defaults ~11 minutes each, ~2 hours for 5 seeds x 2 kernels.
 #     bash runs/arena.sh                              SEEDS="0 1 2 3 4" KERNELS="native default" MODES="one multi"
 #     SEEDS=0 KERNELS=native BUDGET_ONE=0.5 bash runs/arena.sh    # a quick look
+#     OUT=out/arena_lr ARGS_wd1="--lr 3e-5" ARGS_spg="--lr 3e-5" bash runs/arena.sh   # a method's own flags
 set -e
 cd "$(dirname "$0")/.."
 source runs/setup.sh
@@ -42,10 +43,11 @@ for SEED in $SEEDS; do      # seeds outside, kernels inside: an arena stopped ea
       eval B=\$BUDGET_$MODE; eval DEC=\$DECODE_$MODE
       for METHOD in $METHODS; do
         done_ $D/$MODE/$METHOD && continue
+        eval XA=\${ARGS_$METHOD:-}   # ARGS_<method>: extra flags for that method only (e.g. its own --lr)
         echo "== $K seed $SEED, $MODE-step rollouts: $METHOD for $B min"
         OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29551} diffu_grpo.py \
           --model $D/sft/final --task sudoku --method $METHOD $DEC --data-seed $((SEED + 1)) --seed $SEED \
-          --max-steps 100000 --time-budget $B --sample-every 0 --save-minutes 0 --out-dir $D/$MODE/$METHOD --overwrite
+          --max-steps 100000 --time-budget $B --sample-every 0 --save-minutes 0 --out-dir $D/$MODE/$METHOD --overwrite $XA
       done
       done_ $D/$MODE/sft_cont || { echo "== $K seed $SEED, $MODE: SFT control for $B min"
         $PY sft.py --model $D/sft/final --task sudoku --train-n $SFT_N --max-steps 100000 --lr 3e-4 \

@@ -46,8 +46,11 @@ def training(path):
         t += r["step_time"]
         curve.append((t, r["reward"]))
     mean = lambda k: statistics.mean(r[k] for r in recs)
+    q = max(1, len(recs) // 4)  # the training reward of the first and the last quarter of the batches
     return dict(batches=len(recs), seconds=mean("step_time"), rollout_passes=mean("passes/rollout"),
-                logp_passes=mean("passes/logp"), curve=curve)
+                logp_passes=mean("passes/logp"), curve=curve, lr=max(r.get("lr", 0.0) for r in recs),
+                reward_first=statistics.mean(r["reward"] for r in recs[:q]),
+                reward_last=statistics.mean(r["reward"] for r in recs[-q:]))
 
 
 sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -101,7 +104,7 @@ def report(out, methods, modes):
                   f"that spends its budget)." if secs else "",
                   "", "| arm | solved % | cells % | vs SFT start, points | vs equal-time SFT control, points | "
                   "rollout batches (SFT steps) | s per rollout batch | forward passes per completion: rollout + "
-                  "log-lik |", "|---|---|---|---|---|---|---|---|"]
+                  "log-lik | lr | training reward, first -> last quarter |", "|---|---|---|---|---|---|---|---|---|---|"]
         base = [s for s, _ in res["sft"]["heldout"]]
         ctrl = [s for s, _ in res["sft_cont"]["heldout"]] if "sft_cont" in res else None
         for arm, r in res.items():
@@ -116,11 +119,14 @@ def report(out, methods, modes):
                 row += [f"{statistics.mean(t['batches'] for t in tr):.0f}",
                         f"{statistics.mean(t['seconds'] for t in tr):.2f}",
                         f"{statistics.mean(t['rollout_passes'] for t in tr):.0f} + "
-                        f"{statistics.mean(t['logp_passes'] for t in tr):.0f}"]
+                        f"{statistics.mean(t['logp_passes'] for t in tr):.0f}",
+                        "/".join(sorted({f"{t['lr']:.0e}" for t in tr})),
+                        f"{statistics.mean(t['reward_first'] for t in tr):.3f} -> "
+                        f"{statistics.mean(t['reward_last'] for t in tr):.3f}"]
             elif arm == "sft_cont":
-                row += [f"({statistics.mean(r['steps']):.0f})", "-", "-"]
+                row += [f"({statistics.mean(r['steps']):.0f})", "-", "-", "-", "-"]
             else:
-                row += ["-", "-", "-"]
+                row += ["-"] * 5
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         curves = {arm: binned([t["curve"] for t in r["training"]]) for arm, r in res.items() if r.get("training")}
         if curves:

@@ -17,7 +17,8 @@ def write_run(path, rewards, seconds, meta):
     os.makedirs(os.path.join(path, "final"), exist_ok=True)
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
         for r in rewards:
-            f.write(json.dumps({"reward": r, "step_time": seconds, "passes/rollout": 20, "passes/logp": 6}) + "\n")
+            f.write(json.dumps({"reward": r, "step_time": seconds, "passes/rollout": 20, "passes/logp": 6,
+                                "lr": 3e-4}) + "\n")
     with open(os.path.join(path, "final", "meta.json"), "w") as f:
         json.dump(meta, f)
 
@@ -36,8 +37,8 @@ def test_arena_report_gives_means_worst_runs_and_changes_against_the_start_and_t
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| 37.5 +- 17.7 (worst 25.0) | 75.0 +- 0.0 | - | - |" in rows["SFT start"]
     # d1 - start per run: +50 (native), -25 (default); d1 - control: +25, -25
-    assert "| +12.5 +- 53.0 (worst -25.0, above in 1/2) | +0.0 +- 35.4 (worst -25.0, above in 1/2) | 3 | 2.00 | 20 + 6 |" \
-        in rows["d1"]
+    assert "| +12.5 +- 53.0 (worst -25.0, above in 1/2) | +0.0 +- 35.4 (worst -25.0, above in 1/2) | 3 | 2.00 | 20 + 6 | 3e-04 | " \
+        "0.500 -> 0.900 |" in rows["d1"]
     assert "(40)" in rows["SFT continued (control)"]
     res = json.load(open(tmp_path / "results.json"))
     assert res["one"]["d1"]["training"][0]["curve"] == [[2.0, 0.5], [4.0, 0.7], [6.0, 0.9]]
