@@ -128,6 +128,11 @@ def report(out, methods, modes):
             else:
                 row += ["-"] * 5
             lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines += ["", "Per run, solved % (cells %):", "", "| run | " + " | ".join(arms) + " |",
+                  "|---|" + "---|" * len(arms)]
+        for i, d in enumerate(runs):
+            lines.append(f"| {os.path.basename(d)} | " + " | ".join(
+                "{:.1f} ({:.1f})".format(*res[a]["heldout"][i]) for a in arms) + " |")
         curves = {arm: binned([t["curve"] for t in r["training"]]) for arm, r in res.items() if r.get("training")}
         if curves:
             lines += ["", "Training reward (mean over runs) against training minutes:", "", "```",

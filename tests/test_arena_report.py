@@ -39,6 +39,7 @@ def test_arena_report_gives_means_worst_runs_and_changes_against_the_start_and_t
     # d1 - start per run: +50 (native), -25 (default); d1 - control: +25, -25
     assert "| +12.5 +- 53.0 (worst -25.0, above in 1/2) | +0.0 +- 35.4 (worst -25.0, above in 1/2) | 3 | 2.00 | 20 + 6 | 3e-04 | " \
         "0.500 -> 0.900 |" in rows["d1"]
+    assert "| native-0 | 25.0 (75.0) | 50.0 (75.0) | 75.0 (75.0) |" in text  # per run: sft, sft_cont, d1
     assert "(40)" in rows["SFT continued (control)"]
     res = json.load(open(tmp_path / "results.json"))
     assert res["one"]["d1"]["training"][0]["curve"] == [[2.0, 0.5], [4.0, 0.7], [6.0, 0.9]]
