@@ -38,7 +38,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import HelpFormatter
+from common import Trainer
+from config import HelpFormatter
+from rewards import weighted_rewards
 
 import diffu_grpo as D
 import memory as Mem
@@ -116,7 +118,8 @@ def d1_style_step(policy, opt, params, rows, tok, cfg, gens, device):
     t, clock = {}, Clock(device, None)
     clock.phases = t
     rows = [r for r in rows for _ in range(G)]
-    prompt_ids, prompt_attn, _ = D.encode_rollout_prompts(tok, rows, cfg.max_prompt_length, device)
+    prompt_ids, prompt_attn, _ = S.encode_prompts(tok, [r["prompt"] for r in rows], device,
+                                                  keep_last=cfg.max_prompt_length)
     model.train(cfg.rollout_mode == "train")
     inside = {}  # the sampler's own split: forward, noise, softmax and top-k
     with clock("generation"):
@@ -128,7 +131,8 @@ def d1_style_step(policy, opt, params, rows, tok, cfg, gens, device):
     with clock("rewards"):
         cmask = S.completion_mask(completion, model.cfg.eos_token_id).float()
         texts = S.decode_completions(tok, completion, model.cfg.eos_token_id)
-        _, adv, _ = D.score_rollouts(rows, texts, D.reward_functions(cfg), G, cfg.scale_rewards)
+        _, adv, _ = D.score_rollouts(rows, texts, weighted_rewards(cfg.task, cfg.reward_weights), G,
+                                       cfg.scale_rewards)
         adv = adv.to(device)
     patterns = D.prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)
     with clock("old + ref log-probs"), torch.no_grad():  # old: only when mu > 1, as in rl_step
@@ -266,8 +270,8 @@ def bench_grpo(model, tok, args, device, sections):
                 (t, total) = timed(lambda: d1_style_step(policy, opt, params, rows, tok, cfg, gens, device), device)
             else:
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-                (metrics, _), total = timed(lambda: D.rl_step(policy, opt, sched, params, rows, tok, cfg, 1, gens,
-                                                              contextlib.nullcontext(), device), device)
+                tr = Trainer(model, opt, sched, params)
+                (metrics, _), total = timed(lambda: D.rl_step(policy, tr, rows, tok, cfg, gens), device)
                 t = {k: sum(metrics[f"time/{n}"] for n in names) for k, names in PHASES.items()}
             t["whole step"] = total
             t["peak"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -288,7 +292,8 @@ def bench_grpo(model, tok, args, device, sections):
         rows_ = [[k, f"{mean('ours', k):.2f}"] for k in keys]
         out += table(head, ["phase", "ours, s"], rows_)
     else:
-        rows_ = [[k, f"{mean('d1', k):.2f}", f"{mean('ours', k):.2f}", f"{mean('d1', k) / max(mean('ours', k), 1e-9):.2f}x"]
+        rows_ = [[k, f"{mean('d1', k):.2f}", f"{mean('ours', k):.2f}",
+                  f"{mean('d1', k) / max(mean('ours', k), 1e-9):.2f}x"]
                  for k in keys]
         per_run = [f"{d['whole step'] / o['whole step']:.2f}x" for (_, d), (_, o) in zip(runs[0::2], runs[1::2])]
         out += table(head, ["phase", "d1-style step, s", "ours, s", "ratio"], rows_)
@@ -327,38 +332,43 @@ def print_plan(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                  formatter_class=HelpFormatter)
-    ap.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS), help="model size")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
-    ap.add_argument("--sections", nargs="+", default=["sampler", "logprob", "grpo"], help="what to time")
-    ap.add_argument("--batch", type=int, default=6, help="rollouts per batch (d1: 6 per device)")
-    ap.add_argument("--prompt-len", type=int, default=200, help="prompt tokens")
-    ap.add_argument("--gen-length", type=int, default=256, help="generated tokens")
-    ap.add_argument("--block-length", type=int, default=32, help="block length")
-    ap.add_argument("--steps", type=int, default=128, help="denoising steps")
-    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
-    ap.add_argument("--ref-blocks", type=int, default=1, help="blocks the reference-style loop runs (0 = all)")
-    ap.add_argument("--skip-fast", action="store_true",
-                    help="time only the reference loop and exact mode (random weights never reach a 0.9 confidence, "
-                         "so threshold decoding degenerates to one token per step on them)")
-    ap.add_argument("--mu", type=int, default=12, help="inner iterations in the GRPO step")
-    ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient in the GRPO step (0: no reference passes)")
-    ap.add_argument("--lora-r", type=int, default=128, help="LoRA rank in the GRPO step")
-    ap.add_argument("--skip-d1", action="store_true",
-                    help="time only our GRPO step, not also the step written the way d1's trainer works")
-    ap.add_argument("--repeat", type=int, default=1, help="GRPO step: runs of each side, alternating")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default=None, help="append the tables to this markdown file")
-    # Memory plan
-    ap.add_argument("--plan", action="store_true", help="print the memory plan of these settings and exit")
-    ap.add_argument("--micro-batch-size", type=int, default=6, help="--plan: update micro-batch (d1: 6)")
-    ap.add_argument("--logp-batch-size", type=int, default=None,
-                    help="--plan: rows per no-grad old/ref log-prob forward (default: --micro-batch-size)")
-    ap.add_argument("--lora-targets", default="d1", help="'d1', 'wide' or module names (see diffu_grpo.py)")
-    ap.add_argument("--grad-ckpt", action="store_true", help="--plan: gradient checkpointing")
-    ap.add_argument("--full-ft-reference", action="store_true",
-                    help="--plan with --lora-r 0: a frozen reference copy (diffu-GRPO with beta > 0)")
-    ap.add_argument("--gpu-gib", type=float, default=80.0, help="--plan: memory per GPU")
+    m = ap.add_argument_group("model (random weights at a named size) and machine")
+    m.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS), help="model size")
+    m.add_argument("--device", default="cpu", help="cpu or cuda")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    w = ap.add_argument_group("what to time")
+    w.add_argument("--sections", nargs="+", default=["sampler", "logprob", "grpo"], choices=["sampler", "logprob",
+                   "grpo"], help="the sampler against the reference-style loop, the log-prob estimator, a whole "
+                   "diffu-GRPO step")
+    w.add_argument("--repeat", type=int, default=1, help="GRPO step: runs of each side, alternating")
+    w.add_argument("--ref-blocks", type=int, default=1, help="blocks the reference-style loop runs (0 = all)")
+    w.add_argument("--skip-fast", action="store_true",
+                   help="time only the reference loop and exact mode (random weights never reach a 0.9 confidence, "
+                        "so threshold decoding degenerates to one token per step on them)")
+    w.add_argument("--skip-d1", action="store_true",
+                   help="time only our GRPO step, not also the step written the way d1's trainer works")
+    w.add_argument("--out", default=None, help="append the tables to this markdown file")
+    r = ap.add_argument_group("the rollout batch (timing and --plan)")
+    r.add_argument("--batch", type=int, default=6, help="rollouts per batch (d1: 6 per device)")
+    r.add_argument("--prompt-len", type=int, default=200, help="prompt tokens")
+    r.add_argument("--gen-length", type=int, default=256, help="generated tokens")
+    r.add_argument("--block-length", type=int, default=32, help="block length")
+    r.add_argument("--steps", type=int, default=128, help="denoising steps")
+    r.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
+    r.add_argument("--mu", type=int, default=12, help="inner iterations in the GRPO step")
+    r.add_argument("--beta", type=float, default=0.04, help="KL coefficient in the GRPO step (0: no reference passes)")
+    r.add_argument("--lora-r", type=int, default=128, help="LoRA rank (0 = full fine-tuning)")
+    r.add_argument("--lora-targets", default="d1", help="'d1', 'wide' or module names (see diffu_grpo.py)")
+    p = ap.add_argument_group("the memory plan (--plan: print it and exit, nothing is timed)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan of these settings and exit")
+    p.add_argument("--micro-batch-size", type=int, default=6, help="update micro-batch (d1: 6)")
+    p.add_argument("--logp-batch-size", type=int, default=None,
+                   help="rows per no-grad old/ref log-prob forward (default: --micro-batch-size)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--full-ft-reference", action="store_true",
+                   help="with --lora-r 0: a frozen reference copy (diffu-GRPO with beta > 0)")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU")
     args = ap.parse_args(argv)
     if args.plan:
         return print_plan(args)

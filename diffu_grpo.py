@@ -31,31 +31,34 @@ Each rank rolls out whole groups: an advantage needs only its own group's reward
 are all-reduced for logging only). The unit of --max-steps, --save-every, --halt-after and --sample-every is the
 optimizer step, as in d1: a rollout batch is mu of them.
 
-Reading order: the estimator, the loss, the five stages, rl_step, main. The recipe (GRPOConfig, d1's train.yaml)
-and its per-task and tiny presets are at the bottom; the run around the loop is common.Run.
+Reading order: the estimator, the loss, d1 as an Objective (stages 3-5 as data), the five stages, rl_step, the
+training loop. The recipe (GRPOConfig, d1's train.yaml) and its per-task and tiny presets are at the bottom; the run
+around the loop is harness.Run. methods.py builds later objectives on this file (python methods.py --method spg).
 
     torchrun --nproc_per_node=2 diffu_grpo.py --model out/sft/final --task sudoku     # the same on 2 processes
     torchrun --nproc_per_node=8 diffu_grpo.py --task sudoku --adapter SFT_DIR         # d1's recipe on LLaDA-8B
-    python diffu_grpo.py --model out/sft/final --task sudoku --method spg             # a later objective (methods.py)
 """
 
 import contextlib
 import copy
 import time
 from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-import common
+import config
 import model as M
-from common import (Run, all_reduce_grads, batch_for, broadcast_params, compute_init, lora_targets, make_optimizer,
-                    option, parse_config, print0, require, shared, training_setup, warn_once)
+from common import (batch_for, batch_generators, broadcast_params, cli, compute_init, lora_targets, make_trainer,
+                    optimizer_step, print0, reduce_metrics, training_setup, warn_once)
+from config import option, parse_config, require, shared
+from harness import Run, next_commands, prepare_run_dir
 from data import BLANKS, load_task, rl_split, sudoku_kwargs
-from memory import Setting, check_fits
-from rewards import REWARDS
+from memory import check_rl_memory
+from rewards import REWARDS, weighted_rewards
 from scoring import score
-from sample import (SAMPLING_FLAGS, check_sampling, completion_mask, decode_completions, generate, pad_left,
+from sample import (SAMPLING_FLAGS, check_sampling, completion_mask, decode_completions, encode_prompts, generate,
                     sampling_kwargs)
 
 # -----------------------------------------------------------------------------
@@ -98,18 +101,6 @@ def logps_of(model, x, prompt_attn, completion_ids, micro_batch=None):
     return torch.cat(out)
 
 
-def per_token_logps_all(model, prompt_ids, prompt_attn, completion_ids, patterns, mask_id, micro_batch=None):
-    """The estimator for all mu patterns at once (mu, B, L): the mu masked copies of the batch are stacked into one
-    (mu * B)-row batch and run through per_token_logps in micro-batches. Same numbers as mu separate calls (each row
-    is computed independently), but with micro_batch > B a GPU sees fuller batches and the old/ref passes of a
-    rollout batch become mu * B / micro_batch forward calls instead of mu * ceil(B / micro_batch)."""
-    mu, B = patterns.shape[:2]
-    rep = lambda t: t.repeat(mu, *([1] * (t.dim() - 1)))  # (B, ...) -> (mu * B, ...), iteration-major
-    out = per_token_logps(model, rep(prompt_ids), rep(prompt_attn), rep(completion_ids), patterns.flatten(0, 1),
-                          mask_id, micro_batch)
-    return out.view(mu, B, -1)
-
-
 def group_advantages(rewards, G, scale=False):
     """rewards (N*G,) in groups of G consecutive completions -> A = r - mean(group) (d1), or divided by
     (std(group) + 1e-4) with scale=True (TRL's default). A group with identical rewards gets A = 0 exactly."""
@@ -139,12 +130,61 @@ def grpo_token_loss(logp, old, ref, adv, cmask, epsilon, beta):
 
 
 # -----------------------------------------------------------------------------
+# The objective: what stages 3-5 need to know. d1's is below; methods.py builds wd1, SPG and ESPO the same way.
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An RL objective as the update loop sees it: how it masks, estimates a likelihood and turns it into a loss.
+    The loop (estimates, updates) and everything around it (rollouts, rewards, advantages, the optimizer step) are
+    the same for every objective."""
+    name: str                # printed in the header and on the progress bar
+    knobs: tuple             # the config fields it uses, printed in the header
+    draw: Callable           # (gen, mu, prompt_attn, cmask, cfg) -> {name: masks (mu, N, ...)}, every update's
+    estimate: Callable       # (model, prompt_ids, prompt_attn, completion, cmask, masks of these rows, cfg) -> (n, ...)
+    loss: Callable           # (est, old, ref, coef, cmask, cfg) -> (the loss summed over the rows, {stat: sum})
+    normaliser: Callable     # (cmask, G) -> what the rank batch's summed loss is divided by
+    ratio: bool = True       # compares with the rollout policy (old estimates when mu > 1, ref when beta > 0)
+    coefficients: Callable = lambda adv, G: adv  # the per-row weights of the loss (wd1: its softmax weights)
+    passes: Callable = lambda cfg: 1             # forward passes per completion per estimate
+    copies: Callable = lambda cfg: 1             # masked copies of a row in one forward batch (the memory plan)
+
+
+def d1_draw(gen, mu, prompt_attn, cmask, cfg):
+    """Stage 3: mu prompt-mask patterns (mu, N, P), one per inner update; the completion is always fully masked."""
+    return {"prompt": prompt_mask_patterns(gen, mu, prompt_attn, cfg.p_mask_prompt)}
+
+
+def d1_estimate(model, prompt_ids, prompt_attn, completion, cmask, masks, cfg):
+    """The one-step estimate log pi(o_k | q') (n, L) under these rows' prompt pattern."""
+    return per_token_logps(model, prompt_ids, prompt_attn, completion, masks["prompt"], model.cfg.mask_token_id)
+
+
+def d1_loss(logp, old, ref, adv, cmask, cfg):
+    return grpo_token_loss(logp, old, ref, adv, cmask, cfg.epsilon, cfg.beta)
+
+
+# d1: the loss is summed over every valid completion token of the rank batch and divided by their number.
+D1 = Objective("diffu-GRPO", ("num_iterations", "beta", "epsilon", "p_mask_prompt"), d1_draw, d1_estimate, d1_loss,
+               normaliser=lambda cmask, G: cmask.sum().clamp(min=1))
+
+
+# -----------------------------------------------------------------------------
 # One rollout batch: generate, score, then mu inner updates
+
+
+class Rollouts(NamedTuple):
+    """A rank's scored rollouts: N rows, each prompt G times in a row (one group)."""
+    prompt_ids: torch.Tensor   # (N, P) left-padded
+    prompt_attn: torch.Tensor  # (N, P) 1 = a real prompt token
+    completion: torch.Tensor   # (N, L) sampled token ids
+    adv: torch.Tensor          # (N,) group advantages
+    cmask: torch.Tensor        # (N, L) 1.0 up to and including the first EOS
 
 
 class Policy:
     """The trainable model plus how to get the reference policy's log-probs: LoRA -> the same network with the
-    adapters off; full fine-tuning -> a frozen copy of the starting weights. Counts the passes it runs."""
+    adapters off; full fine-tuning -> a frozen copy of the starting weights. Counts the reference estimates."""
 
     def __init__(self, model, full_ft_reference=None):
         self.model, self.frozen = model, full_ft_reference
@@ -155,16 +195,6 @@ class Policy:
 
     def ref_model(self):
         return self.model if self.frozen is None else self.frozen
-
-
-def encode_rollout_prompts(tok, rows, max_prompt_length, device):
-    """Chat-templated prompts, left-padded with an attention mask: (ids (N, P), attn (N, P), prompts cut).
-    With --max-prompt-length a longer prompt keeps its END (d1/TRL's left truncation); a cut is counted."""
-    lists = [tok(tok.apply_chat_template(r["prompt"], tokenize=False), add_special_tokens=False)["input_ids"]
-             for r in rows]
-    cut = max_prompt_length or max(len(p) for p in lists)
-    ids, attn = pad_left([p[-cut:] for p in lists], tok.pad_token_id, device)
-    return ids, attn, sum(len(p) > cut for p in lists)
 
 
 def rollout(model, prompt_ids, prompt_attn, sampling, generator, autocast, train_mode=False):
@@ -192,103 +222,108 @@ def score_rollouts(rows, texts, reward_fns, G, scale_rewards):
 
 
 @torch.no_grad()
-def old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, beta, logp_batch, autocast, timings):
-    """Stage 4: log-probs under the rollout policy (old) and the reference policy (ref) for every pattern, before
-    any update: (mu, N, L) each, or None when not needed (mu = 1: old = current exactly; beta = 0: no ref).
-    logp_batch: rows per forward pass of the stacked mu * N rows."""
-    mu, mask_id = patterns.shape[0], policy.model.cfg.mask_token_id
-    est = lambda m: per_token_logps_all(m, prompt_ids, prompt_attn, completion, patterns, mask_id, logp_batch)
+def estimates(model, obj, b, masks, cfg, rows):
+    """obj's estimate under the masks of every update, without gradients: (mu, N, ...). The mu masked copies of the
+    batch are stacked into one (mu * N)-row batch and run `rows` at a time: each row is computed on its own, so
+    the numbers are those of mu separate passes, but with rows > N a GPU sees fuller batches."""
+    mu, N = next(iter(masks.values())).shape[:2]
+    rep = lambda t: t.repeat(mu, *([1] * (t.dim() - 1)))  # (N, ...) -> (mu * N, ...), update-major
+    ids, attn, completion, cmask = rep(b.prompt_ids), rep(b.prompt_attn), rep(b.completion), rep(b.cmask)
+    flat = {k: v.flatten(0, 1) for k, v in masks.items()}
+    out = [obj.estimate(model, ids[i:i + rows], attn[i:i + rows], completion[i:i + rows], cmask[i:i + rows],
+                        {k: v[i:i + rows] for k, v in flat.items()}, cfg)
+           for i in range(0, mu * N, rows)]
+    out = torch.cat(out)
+    return out.view(mu, N, *out.shape[1:])
+
+
+def old_and_ref(policy, obj, b, masks, cfg, autocast):
+    """Stage 4: the estimates under the rollout policy (old) and the reference policy (ref) for every update's
+    masks, before any update: (mu, N, ...) each, or None where not needed (mu = 1: old = current exactly; beta = 0
+    or an objective without a ratio: no ref). Returns (old, ref, {phase: seconds})."""
+    mu, rows = cfg.num_iterations, cfg.logp_batch_size or cfg.micro_batch_size
     t0 = time.perf_counter()
     with autocast:
-        old = est(policy.model) if mu > 1 else None
-    timings["old_logps"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        old = estimates(policy.model, obj, b, masks, cfg, rows) if obj.ratio and mu > 1 else None
+    t1 = time.perf_counter()
     ref = None
-    if beta > 0:
+    if obj.ratio and cfg.beta > 0:
         with autocast, policy.ref_context():
-            ref = est(policy.ref_model())
-        policy.ref_passes += mu  # counted in patterns (one (N, P + L) estimate each), however they are batched
-    timings["ref_logps"] = time.perf_counter() - t0
-    return old, ref
+            ref = estimates(policy.ref_model(), obj, b, masks, cfg, rows)
+        policy.ref_passes += mu  # counted in estimates of the batch (one per update), however they are batched
+    return old, ref, {"old_logps": t1 - t0, "ref_logps": time.perf_counter() - t1}
 
 
-def inner_updates(model, opt, sched, params, batch, patterns, old, ref, *, epsilon, beta, micro_batch,
-                  max_grad_norm, world, autocast):
-    """Stage 5: mu optimizer steps, step j with pattern j for its current log-probs (and old[j], ref[j]): every
-    pattern is used whatever the micro-batching. The loss is normalised by the valid tokens of the whole rank
-    batch, gradients are averaged over ranks. Returns the mean loss, kl, clip ratio and grad norm."""
-    prompt_ids, prompt_attn, completion, adv, cmask = batch
-    mu, N = patterns.shape[0], len(completion)
-    model.train()
-    n_valid = cmask.sum().clamp(min=1)
-    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0}
+def updates(tr, obj, b, masks, old, ref, cfg):
+    """Stage 5: mu optimizer steps, step j under update j's masks for its current estimate (and old[j], ref[j]):
+    every mask is used whatever the micro-batching. The loss is normalised over the whole rank batch
+    (obj.normaliser), gradients are averaged over ranks (common.optimizer_step). Returns the mean loss, kl, clip
+    ratio and grad norm."""
+    mu, N = cfg.num_iterations, len(b.completion)
+    coef, norm = obj.coefficients(b.adv, cfg.num_generations), obj.normaliser(b.cmask, cfg.num_generations)
+    tr.model.train()
+    sums = dict.fromkeys(("loss", "kl", "clipped", "grad_norm"), 0.0)
     for j in range(mu):
-        for i in range(0, N, micro_batch):
-            sl = slice(i, i + micro_batch)
-            with autocast:
-                logp = per_token_logps(model, prompt_ids[sl], prompt_attn[sl], completion[sl], patterns[j][sl],
-                                       model.cfg.mask_token_id)
-            old_j = logp.detach() if old is None else old[j][sl]  # mu = 1: the ratio is exactly 1
-            ref_j = None if ref is None else ref[j][sl]
-            loss, st = grpo_token_loss(logp, old_j, ref_j, adv[sl], cmask[sl], epsilon, beta)
-            (loss / n_valid).backward()
-            sums["loss"] += loss.item() / n_valid.item() / mu
-            sums["kl"] += st.get("kl", torch.tensor(0.0)).item() / n_valid.item() / mu
-            sums["clipped"] += st["clipped"].item() / n_valid.item() / mu
-        sums["grad_norm"] += optimizer_step(params, opt, sched, world, max_grad_norm) / mu
+        for i in range(0, N, cfg.micro_batch_size):
+            sl = slice(i, i + cfg.micro_batch_size)
+            with tr.autocast:
+                est = obj.estimate(tr.model, b.prompt_ids[sl], b.prompt_attn[sl], b.completion[sl], b.cmask[sl],
+                                   {k: v[j, sl] for k, v in masks.items()}, cfg)
+            old_j = est.detach() if old is None else old[j][sl]  # mu = 1: the ratio is exactly 1
+            loss, st = obj.loss(est, old_j, None if ref is None else ref[j][sl], coef[sl], b.cmask[sl], cfg)
+            (loss / norm).backward()
+            sums["loss"] += loss.item() / float(norm) / mu
+            sums["kl"] += float(st.get("kl", 0.0)) / float(norm) / mu
+            sums["clipped"] += float(st.get("clipped", 0.0)) / float(norm) / mu
+        sums["grad_norm"] += optimizer_step(tr) / mu
     return sums
 
 
-def optimizer_step(params, opt, sched, world, max_grad_norm):
-    """Gradients averaged over ranks, clipped to max_grad_norm, one optimizer step. Returns the grad norm."""
-    all_reduce_grads(params, world)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
+def learn(policy, tr, obj, b, cfg, gen):
+    """Stages 3-5 on a rank's scored rollouts b. Returns (metric sums, {phase: seconds}, log-likelihood forward
+    passes per completion)."""
+    # 3. Every update's masks (d1: mu prompt patterns (mu, N, P)) from the batch's mask generator, drawn once:
+    #    update j, its old and its ref estimates all use masks j.
+    masks = obj.draw(gen, cfg.num_iterations, b.prompt_attn, b.cmask, cfg)
+    # 4. old and ref estimates (mu, N, ...) each, before the weights move (None where they are not needed).
+    old, ref, timings = old_and_ref(policy, obj, b, masks, cfg, tr.autocast)
+    # 5. mu optimizer steps on the objective's loss (d1: the clipped surrogate + beta * KL).
+    t0 = time.perf_counter()
+    sums = updates(tr, obj, b, masks, old, ref, cfg)
+    passes = obj.passes(cfg) * cfg.num_iterations * (1 + (old is not None) + (ref is not None))
+    return sums, {**timings, "update": time.perf_counter() - t0}, passes
 
 
-def rl_step(policy, opt, sched, params, batch_rows, tok, cfg, world, gens, autocast, device):
-    """One rollout batch on this rank: the five stages of the module docstring. Returns (metrics, samples), the
-    metrics local to this rank (main all-reduces them for logging)."""
-    model, G, mu = policy.model, cfg.num_generations, cfg.num_iterations
-    timings, t0 = {}, time.perf_counter()
+def rl_step(policy, tr, batch_rows, tok, cfg, gens, obj=None):
+    """One rollout batch on this rank: the five stages of the module docstring, with the objective `obj` (d1's
+    by default; methods.py passes another). Returns (metrics, samples), the metrics local to this rank (main
+    all-reduces them for logging)."""
+    obj, model, G = obj or D1, tr.model, cfg.num_generations
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
     rows = [r for r in batch_rows for _ in range(G)]  # every prompt G times: N = prompts x G rows, one group each
-    prompt_ids, prompt_attn, n_cut = encode_rollout_prompts(tok, rows, cfg.max_prompt_length, device)  # (N, P)
+    prompt_ids, prompt_attn, n_cut = encode_prompts(tok, [r["prompt"] for r in rows], device,  # (N, P)
+                                                    keep_last=cfg.max_prompt_length)
     # 1. Rollouts: completion (N, L) token ids, cmask (N, L) 1.0 up to and including the first EOS.
     completion, cmask, rollout_passes = rollout(model, prompt_ids, prompt_attn, sampling_kwargs(cfg), gens["rollout"],
-                                                autocast, cfg.rollout_mode == "train")
-    timings["rollout"], t0 = time.perf_counter() - t0, time.perf_counter()
+                                                tr.autocast, cfg.rollout_mode == "train")
+    t1 = time.perf_counter()
     # 2. Rewards on the decoded text, then group advantages: total (N,), adv (N,), zero mean within each group.
     texts = decode_completions(tok, completion, model.cfg.eos_token_id)
-    total, adv, per_fn = score_rollouts(rows, texts, reward_functions(cfg), G, cfg.scale_rewards)
-    timings["rewards"] = time.perf_counter() - t0
-    batch = (prompt_ids, prompt_attn, completion, adv.to(device), cmask)
-    if cfg.method != "d1":  # wd1, SPG or ESPO: stages 3-5 with their own masks, estimates and losses (methods.py)
-        import methods  # imported here: it builds on this file's estimator
-        sums, logp_passes = methods.method_updates(policy, opt, sched, params, batch, cfg, world, gens["mask"],
-                                                   autocast, timings)
-    else:
-        # 3. mu prompt-mask patterns (mu, N, P), drawn once: update j, its old and its ref pass all use pattern j.
-        patterns = prompt_mask_patterns(gens["mask"], mu, prompt_attn, cfg.p_mask_prompt)
-        # 4. old and ref log-probs (mu, N, L) each, before the weights move (None where they are not needed).
-        old, ref = old_and_ref_logps(policy, prompt_ids, prompt_attn, completion, patterns, cfg.beta,
-                                     cfg.logp_batch_size or cfg.micro_batch_size, autocast, timings)
-        # 5. mu optimizer steps on the clipped surrogate + beta * KL.
-        t0 = time.perf_counter()
-        sums = inner_updates(model, opt, sched, params, batch, patterns, old, ref, epsilon=cfg.epsilon, beta=cfg.beta,
-                             micro_batch=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm, world=world,
-                             autocast=autocast)
-        timings["update"] = time.perf_counter() - t0
-        logp_passes = mu * (1 + (old is not None) + (ref is not None))  # forward passes per completion
-    passes = {"passes/rollout": rollout_passes, "passes/logp": logp_passes}
+    rewards = weighted_rewards(cfg.task, cfg.reward_weights)
+    total, adv, per_fn = score_rollouts(rows, texts, rewards, G, cfg.scale_rewards)
+    t2 = time.perf_counter()
+    # 3-5. Masks, old and ref estimates, mu optimizer steps.
+    sums, timings, logp_passes = learn(policy, tr, obj, Rollouts(prompt_ids, prompt_attn, completion, adv.to(device),
+                                                                 cmask), cfg, gens["mask"])
+    timings = {"rollout": t1 - t0, "rewards": t2 - t1, **timings}
+    passes = {"passes/rollout": rollout_passes, "passes/logp": logp_passes}  # forward passes per completion
     if n_cut:
         warn_once("prompt cut", f"{n_cut} of {len(rows)} prompts are longer than --max-prompt-length "
                   f"{cfg.max_prompt_length} and lose their beginning (BOS and instruction first); counted as "
                   f"prompts/truncated in the metrics")
     samples = [(rows[i]["prompt"][-1]["content"][-60:], texts[i], total[i].item()) for i in range(min(2, len(rows)))]
-    metrics = rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, model.cfg.eos_token_id, sched, timings)
+    metrics = rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, model.cfg.eos_token_id, tr.sched, timings)
     return {**metrics, **passes}, samples
 
 
@@ -297,49 +332,60 @@ def rl_step(policy, opt, sched, params, batch_rows, tok, cfg, world, gens, autoc
 
 
 def main(argv=None):
-    cfg, presets = get_config(argv)
+    return train(*get_config(argv), D1)
+
+
+def train(cfg, presets, obj):
+    """The training loop, for d1 (main) and for the objectives of methods.py (the same loop, another `obj`)."""
     rank, _, world, device = compute_init(cfg.device)
-    common.prepare_run_dir(cfg)  # refuses to mix two runs in one --out-dir; checks a --resume
+    prepare_run_dir(cfg)  # refuses to mix two runs in one --out-dir; checks a --resume
     mu, per_rank = cfg.num_iterations, cfg.prompts_per_step
     # RL starts from the SFT model when --model is an SFT export or --adapter is given (common.make_trainable).
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
-    check_memory(cfg, model, dtype, device)
+    check_rl_memory(cfg, model.cfg, dtype, device, obj.copies(cfg))
     policy = Policy(model, copy.deepcopy(model).eval().requires_grad_(False) if not cfg.lora_r and cfg.beta else None)
     broadcast_params(params, world)
-    opt, sched = make_optimizer(params, cfg, cfg.max_steps)
+    tr = make_trainer(model, params, cfg, cfg.max_steps, world, autocast)
     ds, validate = training_prompts(cfg, model, tok, rank, world, device, autocast)
-    print0(f"{'diffu-GRPO' if cfg.method == 'd1' else cfg.method} on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per rollout "
-           f"batch x G={cfg.num_generations}, mu={mu}, beta={cfg.beta}, eps={cfg.epsilon}, p_mask={cfg.p_mask_prompt}, "
-           f"T={cfg.temperature} | {sum(p.numel() for p in params):,} trainable params | world {world}")
+    knobs = ", ".join(f"{k}={getattr(cfg, k)}" for k in obj.knobs)
+    print0(f"{obj.name} on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per "
+           f"rollout batch x G={cfg.num_generations} | {knobs}, temperature={cfg.temperature} | "
+           f"{sum(p.numel() for p in params):,} trainable params | world {world}")
     if cfg.model == "tiny" and not cfg.adapter:
         print0("note: --model tiny is a random model, which earns no reward on d1's tasks (it never writes the "
                "answer format); start RL from an SFT export: python sft.py --model tiny, then --model out/sft/final")
-    run = Run(cfg, model, tok, opt, sched, params, cfg.max_steps, "diffu-grpo", stride=mu, keep_best=cfg.keep_best,
+    run = Run(cfg, tr, tok, cfg.max_steps, obj.name, stride=mu, keep_best=cfg.keep_best,
               score="validation accuracy", maximize=True)
+    # The metrics printed (all go to metrics.jsonl): no kl without a KL term, no clip ratio without a ratio.
+    shown = [k for k in SHOWN if not (k == "kl" and (cfg.beta == 0 or not obj.ratio) or
+                                      k == "clip_ratio/region_mean" and not obj.ratio)]
     if validate and run.start == 0:  # the starting model is a candidate too
-        run.log.write(step=0, **validate())
-        run.evaluated(0, validate.last["eval_accuracy"])
+        v = validate()
+        run.log.write(step=0, **v)
+        run.evaluated(0, v["eval_accuracy"])
     for step in run.steps():
         t0, b = time.perf_counter(), step // mu - 1  # b: the rollout batch that ends at this optimizer step
         # The global rollout batch (prompt indices), then this rank's prompts_per_step of them.
         idx = batch_for(b, per_rank * world, len(ds), cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
-        metrics, samples = rl_step(policy, opt, sched, params, [ds[int(i)] for i in idx], tok, cfg, world,
-                                   batch_generators(cfg.seed, rank, b, device), autocast, device)
+        metrics, samples = rl_step(policy, tr, [ds[int(i)] for i in idx], tok, cfg,
+                                   batch_generators(cfg.seed, rank, b, device), obj)
         metrics = reduce_metrics({**metrics, "step_time": time.perf_counter() - t0}, world, device)
         if validate and run.every(step, cfg.eval_every):
             metrics.update(validate())
             run.evaluated(step, metrics["eval_accuracy"])
         lines = [f"  [reward {r:.3f}] ...{p!r} -> {c[:120]!r}" for p, c, r in samples] \
             if run.every(step, cfg.sample_every) else []
-        if run.end_step(step, {"batch": b + 1, **metrics}, SHOWN, lines):
+        if run.end_step(step, {"batch": b + 1, **metrics}, shown, lines):
             break
-    print0(f"reference passes: {policy.ref_passes}")
-    run.finish()
+    if cfg.beta > 0 and obj.ratio:
+        print0(f"reference policy: {policy.ref_passes} estimates (one per inner update, each a forward pass over "
+               f"the rank's rollouts)")
+    run.finish(hints=next_commands(cfg, "rl"))
     return policy
 
 
 # -----------------------------------------------------------------------------
-# Plumbing: seeds, rewards, memory, metrics
+# Plumbing: validation, seeds, rewards, metrics
 
 
 def training_prompts(cfg, model, tok, rank, world, device, autocast):
@@ -369,55 +415,18 @@ def validation(cfg, model, tok, rows, rank, world, device, autocast):
         g = torch.Generator(device=device).manual_seed(cfg.seed + 99)  # the same noise at every evaluation
         for i in range(0, len(mine), cfg.micro_batch_size):
             chunk = mine[i:i + cfg.micro_batch_size]
-            ids, attn, _ = encode_rollout_prompts(tok, chunk, cfg.max_prompt_length, device)
+            ids, attn, _ = encode_prompts(tok, [r["prompt"] for r in chunk], device, keep_last=cfg.max_prompt_length)
             completion = rollout(model, ids, attn, sampling, g, autocast)[0]
             texts = decode_completions(tok, completion, model.cfg.eos_token_id)
-            rewards = score_rollouts(chunk, texts, reward_functions(cfg), 1, False)[0]
+            rewards = score_rollouts(chunk, texts, weighted_rewards(cfg.task, cfg.reward_weights), 1, False)[0]
             correct = sum(bool(score(cfg.task, t, r)["correct"]) for t, r in zip(texts, chunk))
             sums += torch.tensor([correct, rewards.sum().item(), len(chunk)], dtype=torch.float64)
         if world > 1:
             sums = sums.to(device)
             dist.all_reduce(sums)
         correct, reward, n = sums.tolist()
-        validate.last = {"eval_accuracy": correct / n, "eval_reward": reward / n,
-                         "time/validation": time.perf_counter() - t0}
-        return validate.last
+        return {"eval_accuracy": correct / n, "eval_reward": reward / n, "time/validation": time.perf_counter() - t0}
     return validate
-
-
-def batch_generators(seed, rank, b, device):
-    """The generators of rollout batch b on this rank: {"rollout": sampling noise, "mask": prompt-mask patterns},
-    seeded from (seed, rank, batch), so they are reproducible, independent of any global RNG, and a resumed run
-    draws exactly what the uninterrupted run drew. Only LoRA dropout uses the global RNG (F.dropout takes no
-    generator, and gradient checkpointing restores the global RNG state when it recomputes a block); seeding it per
-    batch makes resume exact, and it touches nothing else."""
-    gens = {name: torch.Generator(device=device).manual_seed(seed_for(seed, rank, b, i))
-            for i, name in enumerate(("rollout", "mask"))}
-    torch.manual_seed(seed_for(seed, rank, b, 2))
-    return gens
-
-
-def seed_for(seed, rank, batch, stream):
-    """A distinct, reproducible seed per (run seed, rank, rollout batch, stream). Plain arithmetic, not hash():
-    Python salts string hashes per process."""
-    return ((seed * 1_000_003 + rank) * 1_000_033 + batch) * 8 + stream
-
-
-def reward_functions(cfg):
-    """[(reward function, weight)] of the task; --reward-weights replaces d1's weights (all 1)."""
-    fns = REWARDS[cfg.task]
-    return [(f, w if cfg.reward_weights is None else cfg.reward_weights[i]) for i, (f, w) in enumerate(fns)]
-
-
-def check_memory(cfg, model, dtype, device):
-    """The memory plan of this run against the GPU's memory (memory.py); stops before the first step if it does
-    not fit, unless --force."""
-    targets = lora_targets(cfg.lora_targets)
-    copies = {"spg": cfg.spg_copies, "espo": 2 * cfg.espo_mc}.get(cfg.method, 1)  # masked copies held per row
-    check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size * copies, prompt_len=cfg.max_prompt_length or 256,
-                       completion_len=cfg.gen_length, dtype=dtype, lora_r=cfg.lora_r, lora_targets=targets,
-                       grad_ckpt=cfg.grad_ckpt, full_ft_reference=not cfg.lora_r and cfg.beta > 0,
-                       logp_rows=(cfg.logp_batch_size or cfg.micro_batch_size) * copies), device, cfg.force)
 
 
 # The metrics printed each rollout batch (all of them go to metrics.jsonl).
@@ -438,30 +447,20 @@ def rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, eos_id, sched, 
             "lr": sched.get_last_lr()[0], **{f"time/{k}": v for k, v in timings.items()}}
 
 
-def reduce_metrics(metrics, world, device):
-    """Mean of every metric over ranks (for logging only)."""
-    if world == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: v / world for k, v in zip(keys, t.tolist())}
-
-
 # -----------------------------------------------------------------------------
-# The recipe: d1's train.yaml (and sbatch files) as they ran. Every field is a flag (common.option); per-task values
+# The recipe: d1's train.yaml (and sbatch files) as they ran. Every field is a flag (config.option); per-task values
 # and the tiny laptop recipe are in PRESETS below.
 
 
-def sampler_option(name, default):
+def sampling_option(name, default):
     """option() for one of the sampler's flags, described once in sample.SAMPLING_FLAGS."""
     help, kw = SAMPLING_FLAGS[name]
     return option(default, help, "sampling (rollouts)", **{k: v for k, v in kw.items() if k != "type"})
 
 
 @dataclass(frozen=True)
-class GRPOConfig(common.TrainerConfig):
-    # Inherited from common.TrainerConfig, the same in both trainers: model, preset, adapter, dtype, device,
+class GRPOConfig(config.TrainerConfig):
+    # Inherited from config.TrainerConfig, the same in both trainers: model, preset, adapter, dtype, device,
     # grad_ckpt, force, data_path, prompt_style, train_n, save_every, resume, halt_after, export, no_export.
     lora_r: int = option(128, "LoRA rank; 0 = full fine-tuning, with a frozen copy of the start as the reference",
                          "model")
@@ -475,14 +474,14 @@ class GRPOConfig(common.TrainerConfig):
                             "another value than SFT's trains RL on puzzles SFT never saw", "data", type=int)
     blanks: tuple = shared("blanks", BLANKS)
 
-    gen_length: int = sampler_option("gen_length", 256)
-    block_length: int = sampler_option("block_length", 32)
-    steps: int = sampler_option("steps", 128)
-    temperature: float = sampler_option("temperature", 0.3)
-    cfg_scale: float = sampler_option("cfg_scale", 0.0)
-    remasking: str = sampler_option("remasking", "low_confidence")
+    gen_length: int = sampling_option("gen_length", 256)
+    block_length: int = sampling_option("block_length", 32)
+    steps: int = sampling_option("steps", 128)
+    temperature: float = sampling_option("temperature", 0.3)
+    cfg_scale: float = sampling_option("cfg_scale", 0.0)
+    remasking: str = sampling_option("remasking", "low_confidence")
     threshold: float = option(None, SAMPLING_FLAGS["threshold"][0], "sampling (rollouts)", type=float)
-    prefix_cache: bool = sampler_option("prefix_cache", False)
+    prefix_cache: bool = sampling_option("prefix_cache", False)
 
     num_generations: int = option(6, "G: completions per prompt (one group)", "d1's algorithm")
     prompts_per_step: int = option(2, "prompts per rank per rollout batch (d1: per-device batch 6 x grad-accum 2 "
@@ -499,18 +498,6 @@ class GRPOConfig(common.TrainerConfig):
     max_prompt_length: int = option(None, "keep only the last N prompt tokens (d1: 200, TRL's left truncation); "
                                     "unset: no cut, and prompts a limit would cut are counted (prompts/truncated)",
                                     "d1's algorithm", type=int)
-
-    method: str = option("d1", "the RL objective: d1 (diffu-GRPO, this file) or one published after it (methods.py): "
-                         "wd1 (ratio-free weighted likelihood), spg (sandwiched ELBO/EUBO bounds), espo (sequence "
-                         "ELBO ratio); each takes its authors' beta and epsilon from a preset", "beyond d1 (methods.py)",
-                         choices=["d1", "wd1", "spg", "espo"])
-    spg_mode: str = option("mix", "SPG's bound for completions with A <= 0: elbo, eubo, or mix = omega EUBO + "
-                           "(1 - omega) ELBO", "beyond d1 (methods.py)", choices=["elbo", "eubo", "mix"])
-    spg_beta: float = option(1.5, "SPG's EUBO exponent (>= 1; authors: 1.5, and 1.0 on Sudoku)", "beyond d1 (methods.py)")
-    spg_omega: float = option(0.5, "SPG's mixture weight omega of the EUBO", "beyond d1 (methods.py)")
-    spg_copies: int = option(2, "SPG's m: block-masked copies of each completion per update", "beyond d1 (methods.py)")
-    espo_mc: int = option(2, "ESPO's M: mask draws per sequence ELBO, each a primary and a complementary pass",
-                          "beyond d1 (methods.py)")
 
     lr: float = shared("lr", 3e-6)
     lr_schedule: str = shared("lr_schedule", "constant")
@@ -545,7 +532,7 @@ class GRPOConfig(common.TrainerConfig):
     def check(self, typed):
         """Every value checked before any work: a value typed is used or refused, never replaced. (A preset's
         --max-steps is rounded up to whole rollout batches.)"""
-        common.check_trainer(self)
+        config.check_trainer(self)
         n, mu = len(REWARDS[self.task]), self.num_iterations
         require(self.reward_weights is None or len(self.reward_weights) == n, f"--reward-weights needs {n} values "
                 f"for {self.task}: {[f.__name__ for f, _ in REWARDS[self.task]]}")
@@ -564,22 +551,9 @@ class GRPOConfig(common.TrainerConfig):
         require(self.eval_every or not self.keep_best, "--keep-best needs --eval-every N (the validation it keeps by)")
         check_sampling(self.gen_length, self.block_length, self.steps, self.temperature, self.cfg_scale,
                        self.remasking, self.threshold)
-        self.check_method(typed)
         return replace(self, max_steps=-(-self.max_steps // mu) * mu)
 
 
-    def check_method(self, typed):
-        """A flag the chosen --method does not use is refused, not ignored."""
-        unused = {"d1": ["spg_*", "espo_mc"], "wd1": ["beta", "epsilon", "spg_*", "espo_mc"],
-                  "spg": ["beta", "epsilon", "espo_mc"], "espo": ["p_mask_prompt", "spg_*"]}[self.method]
-        for name in typed:
-            require(not any(name == u or (u.endswith("*") and name.startswith(u[:-1])) for u in unused),
-                    f"--{name.replace('_', '-')} is not used by --method {self.method}")
-        require(self.method not in ("wd1", "spg") or self.beta == 0, f"--method {self.method} has no KL term")
-        require(self.spg_beta >= 1 and 0 <= self.spg_omega <= 1 and self.spg_copies >= 1 and self.espo_mc >= 1,
-                "need --spg-beta >= 1 (a Renyi bound), 0 <= --spg-omega <= 1, --spg-copies >= 1 and --espo-mc >= 1")
-        require(self.method != "espo" or self.epsilon < 1, "--method espo clips the sequence ratio to "
-                "[1 - epsilon, 1 + epsilon]: need --epsilon < 1")
 
 
 # d1's per-task values (train.yaml; max_steps: the optimizer step of the checkpoint d1 reports, rounded up to whole
@@ -596,25 +570,16 @@ PRESETS = {
                  weight_decay=0.0, micro_batch_size=64, max_steps=120, sample_every=20),
     "tiny sudoku": dict(blanks=(3, 6)),
     "tiny countdown": dict(data_path="generate"),
-    # The methods of methods.py with their authors' values (their papers' scripts): no KL for wd1 and SPG (nor a
-    # reference pass), ESPO's clip 0.2 and its per-task k2 KL coefficient, SPG's EUBO exponent 1.0 on Sudoku.
-    "wd1": dict(beta=0.0),
-    "spg": dict(beta=0.0),
-    "spg sudoku": dict(spg_beta=1.0),
-    "espo": dict(epsilon=0.2, beta=1e-3),
-    "espo sudoku": dict(beta=1e-2),
-    "espo countdown": dict(beta=3e-3),
 }
 
 
 def choose_presets(typed):
-    """The task's d1 values, then (for --model tiny or an export of a tiny run) the tiny recipe and its task's, then
-    the --method's own values."""
-    task, method = typed.get("task", GRPOConfig.task), typed.get("method", GRPOConfig.method)
+    """The task's d1 values, then (for --model tiny or an export of a tiny run) the tiny recipe and its task's."""
+    task = typed.get("task", GRPOConfig.task)
     names = [task]
-    if common.model_scale(typed.get("model", GRPOConfig.model), typed.get("preset", "auto")) == "tiny":
+    if config.model_scale(typed.get("model", GRPOConfig.model), typed.get("preset", "auto")) == "tiny":
         names += ["tiny", f"tiny {task}"]
-    return [n for n in names + [method, f"{method} {task}"] if n in PRESETS]
+    return [n for n in names if n in PRESETS]
 
 
 def get_config(argv=None):
@@ -631,4 +596,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

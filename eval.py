@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
-from common import add_model_args, compute_cleanup, compute_init, print0, setup_model
+from common import cli, compute_cleanup, compute_init, print0, setup_model
+from config import HelpFormatter, add_model_args
 from data import EVAL_PREFILL, TASKS, add_sudoku_args, load_task, sudoku_kwargs
 from data.d1_eval import PREFILL as D1_PREFILL, load_d1_eval
 from sample import add_sampling_args, completion_mask, decode_completions, generate, pad_left, render_prompts
@@ -274,35 +274,38 @@ def get_args(argv=None):
         description="d1 evaluation: generate, score, summarise; or --rescore saved files. The default protocol is "
                     "d1's own (its test items, prompts, decoding and parser), because the point of evaluating a d1 "
                     "model is to compare with the paper's table; --protocol clean is the leak-free setup.",
-        formatter_class=common.HelpFormatter)
+        formatter_class=HelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--protocol", default="d1", choices=["d1", "clean"],
-                    help="d1: d1's items (GSM8K, MATH500 in full; 256 of d1's Countdown and Sudoku files), prompts, "
-                         "decoding and canvas decoding, for numbers comparable with the paper. clean: generated "
-                         "Sudoku on held-out grids, generated Countdown, training prompts, text up to EOS")
-    ap.add_argument("--scoring", default=None, choices=list(SCORINGS),
-                    help="the parser behind `accuracy` (both are always computed and shown): d1 = d1's "
-                         "parse_and_get_acc.py bug for bug, ours = corrected (default: d1 under --protocol d1, "
-                         "ours under clean)")
-    ap.add_argument("--task", default="all", choices=EVAL_TASKS + ["all"], help="task to evaluate")
-    ap.add_argument("--data-path", default=None, nargs="+", metavar="[TASK=]PATH",
-                    help="local test files instead of the defaults (d1: GSM8K/MATH500 instead of the hub; Countdown/"
-                         "Sudoku instead of data/d1/); with --task all name each: gsm8k=G.jsonl math=M.jsonl")
-    ap.add_argument("--prompt-style", default="d1", choices=["d1", "compact"],
-                    help="--protocol clean only: d1's training prompts or compact ones")
-    ap.add_argument("--prefill", default=None,
-                    help="text after the assistant header (default: '<reasoning>' for d1 prompts, none for compact)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (default: all of them)")
-    ap.add_argument("--data-seed", type=int, default=0, help="--protocol clean: seed of the generated test sets")
-    add_sudoku_args(ap)
-    ap.add_argument("--batch-size", type=int, default=4, help="prompts per generate call per rank (d1: 4)")
+    w = ap.add_argument_group("what to evaluate")
+    w.add_argument("--protocol", default="d1", choices=["d1", "clean"],
+                   help="d1: d1's items (GSM8K, MATH500 in full; 256 of d1's Countdown and Sudoku files), prompts, "
+                        "decoding and canvas decoding, for numbers comparable with the paper. clean: generated "
+                        "Sudoku on held-out grids, generated Countdown, training prompts, text up to EOS")
+    w.add_argument("--task", default="all", choices=EVAL_TASKS + ["all"], help="task to evaluate")
+    w.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (default: all of them)")
+    w.add_argument("--scoring", default=None, choices=list(SCORINGS),
+                   help="the parser behind `accuracy` (both are always computed and shown): d1 = d1's "
+                        "parse_and_get_acc.py bug for bug, ours = corrected (default: d1 under --protocol d1, "
+                        "ours under clean)")
+    d = ap.add_argument_group("test data and prompts")
+    d.add_argument("--data-path", default=None, nargs="+", metavar="[TASK=]PATH",
+                   help="local test files instead of the defaults (d1: GSM8K/MATH500 instead of the hub; Countdown/"
+                        "Sudoku instead of data/d1/); with --task all name each: gsm8k=G.jsonl math=M.jsonl")
+    d.add_argument("--prompt-style", default="d1", choices=["d1", "compact"],
+                   help="--protocol clean only: d1's training prompts or compact ones")
+    d.add_argument("--prefill", default=None,
+                   help="text after the assistant header (default: '<reasoning>' for d1 prompts, none for compact)")
+    d.add_argument("--data-seed", type=int, default=0, help="--protocol clean: seed of the generated test sets")
+    add_sudoku_args(d)
     add_sampling_args(ap, gen_length=[128, 256, 512], block_length=32, steps=None, temperature=0.0,
                       several_lengths=True)
-    ap.add_argument("--seed", type=int, default=42, help="seed of the sampling noise (with --temperature > 0)")
-    ap.add_argument("--out-dir", default="out/eval", help="where generations and summary go")
-    ap.add_argument("--rescore", nargs="+", default=None, metavar="FILE",
-                    help="re-score saved generations (our .jsonl or d1's .json) and exit; no model. Prints d1's "
-                         "accuracy (two decimals) and ours beside it")
+    r = ap.add_argument_group("batching, noise and output")
+    r.add_argument("--batch-size", type=int, default=4, help="prompts per generate call per rank (d1: 4)")
+    r.add_argument("--seed", type=int, default=42, help="seed of the sampling noise (with --temperature > 0)")
+    r.add_argument("--out-dir", default="out/eval", help="where generations and summary go")
+    r.add_argument("--rescore", nargs="+", default=None, metavar="FILE",
+                   help="re-score saved generations (our .jsonl or d1's .json) and exit; no model. Prints d1's "
+                        "accuracy (two decimals) and ours beside it")
     args = ap.parse_args(argv)
     if args.protocol == "d1" and args.prompt_style != "d1":
         ap.error("--prompt-style compact needs --protocol clean (the d1 protocol uses d1's evaluation prompts)")
@@ -338,4 +341,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import model as M
+from common import lora_targets
 
 GIB = 2**30
 # The reduced config the hooks run on: every dimension distinct, so each can be told apart in a saved tensor's shape.
@@ -219,3 +220,13 @@ def check_fits(s, device, force=False, budget_bytes=None):
                          f"{budget_bytes / GIB:.1f} GiB per rank):\n{format_plan(p)}\nFlags that would fit: {fix}. "
                          f"Or pass --force to run anyway.")
     return p
+
+
+def check_rl_memory(cfg, model_cfg, dtype, device, copies=1):
+    """diffu_grpo.py's plan (a GRPOConfig, with `copies` masked copies of each row per forward batch: 1 for d1)
+    against the GPU's memory; stops before the first step if it does not fit, unless --force."""
+    targets = lora_targets(cfg.lora_targets)
+    check_fits(Setting(model_cfg, micro_batch=cfg.micro_batch_size * copies, prompt_len=cfg.max_prompt_length or 256,
+                       completion_len=cfg.gen_length, dtype=dtype, lora_r=cfg.lora_r, lora_targets=targets,
+                       grad_ckpt=cfg.grad_ckpt, full_ft_reference=not cfg.lora_r and cfg.beta > 0,
+                       logp_rows=(cfg.logp_batch_size or cfg.micro_batch_size) * copies), device, cfg.force)

@@ -1,17 +1,19 @@
 """
 Beyond d1: three RL objectives for masked diffusion LMs published after it, beside d1's, on the same rollouts.
 
-    python diffu_grpo.py --model out/sft/final --task sudoku --method spg      # d1 (default) | wd1 | spg | espo
+    python methods.py --model out/sft/final --task sudoku --method spg      # d1 (default) | wd1 | spg | espo
 
-diffu_grpo.py is d1's lesson and stays d1's code path; this file is the sequel. A method here replaces stages 3-5 of
-diffu_grpo.rl_step (masks, log-likelihoods, loss); everything else is shared: data, rollouts, rewards, the group
-advantages A_i = r_i - mean(group), the mask-seed discipline (every mask of a rollout batch is drawn up front, for
-the whole rank batch, from the batch's dedicated "mask" generator: the old, reference and current passes of inner
-update j see the same masks whatever the micro-batching), the optimizer step, checkpoints and logging.
+diffu_grpo.py is d1's lesson and knows nothing of this file; this file is the sequel, built on it. A method is a
+diffu_grpo.Objective: it replaces what stages 3-5 of diffu_grpo.rl_step compute (masks, likelihood estimates, loss)
+and runs through the same loop (diffu_grpo.estimates and updates). Everything else is d1's: data, rollouts, rewards,
+the group advantages A_i = r_i - mean(group), the mask-seed discipline (every mask of a rollout batch is drawn up
+front, for the whole rank batch, from the batch's dedicated "mask" generator: the old, reference and current passes
+of inner update j see the same masks whatever the micro-batching), the optimizer step, checkpoints and logging.
 
 A method is four small functions: draw (the masks of all mu updates), estimate (a likelihood estimate per
 completion from masked forward passes), loss (a sum over rows) and its normaliser (over the rank batch; gradients
-are then averaged over ranks, as in d1, so 2 ranks equal 1 whenever the ranks hold equal normalisers).
+are then averaged over ranks, as in d1, so 2 ranks equal 1 whenever the ranks hold equal normalisers). Its flags,
+presets and checks are MethodConfig at the bottom.
 
   method  estimate of log pi(o | q)                                 loss                          forward passes
                                                                                                   per completion
@@ -30,13 +32,13 @@ computes it; where that code and its paper differ, the code is followed and the 
 """
 
 import math
-import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 import diffu_grpo as D
+from common import cli
+from config import option, parse_config, require
 
 NEG = -1e30  # a finite "log 0": logsumexp over only such terms stays finite, so its gradient is 0, not NaN
 
@@ -204,74 +206,91 @@ def espo_loss(est, old, ref, adv, cmask, cfg):
 
 
 # -----------------------------------------------------------------------------
-# The shared loop: stages 3-5 of diffu_grpo.rl_step for any method
-
-
-@dataclass(frozen=True)
-class Method:
-    draw: Callable           # (gen, mu, prompt_attn, cmask, cfg) -> {name: masks (mu, N, ...)}
-    estimate: Callable       # (model, prompt_ids, prompt_attn, completion, cmask, masks of rows, cfg) -> (n, ...)
-    loss: Callable           # (est, old, ref, coef, cmask, cfg) -> (sum over rows, stats)
-    normaliser: Callable     # (cmask, G) -> what the rank batch's loss sum is divided by
-    passes: Callable         # cfg -> forward passes per completion per estimate
-    ratio: bool = False      # needs the old policy's (and, with beta > 0, the reference's) estimates
-    coefficients: Callable = lambda adv, G: adv  # per-row weights from the advantages (wd1: its softmax weights)
+# The methods as d1's Objective (diffu_grpo.py): the same update loop, rollouts, rewards and run; only the masks,
+# the estimate and the loss differ. Each method's normaliser is over the rank batch, as d1's.
 
 
 METHODS = {
-    "wd1": Method(wd1_draw, wd1_estimate, wd1_loss, lambda cmask, G: len(cmask) / G, lambda cfg: 1,
-                  coefficients=wd1_coefficients),
-    "spg": Method(spg_draw, spg_estimate, spg_loss, lambda cmask, G: cmask.sum(), lambda cfg: cfg.spg_copies),
-    "espo": Method(espo_draw, espo_estimate, espo_loss, lambda cmask, G: len(cmask), lambda cfg: 2 * cfg.espo_mc,
-                   ratio=True),
+    "d1": D.D1,
+    "wd1": D.Objective("wd1", ("num_iterations", "p_mask_prompt"), wd1_draw, wd1_estimate, wd1_loss,
+                       normaliser=lambda cmask, G: len(cmask) / G, ratio=False, coefficients=wd1_coefficients),
+    "spg": D.Objective("SPG", ("num_iterations", "p_mask_prompt", "spg_mode", "spg_beta", "spg_omega", "spg_copies"),
+                       spg_draw, spg_estimate, spg_loss, normaliser=lambda cmask, G: cmask.sum(), ratio=False,
+                       passes=lambda cfg: cfg.spg_copies, copies=lambda cfg: cfg.spg_copies),
+    "espo": D.Objective("ESPO", ("num_iterations", "beta", "epsilon", "espo_mc"), espo_draw, espo_estimate,
+                        espo_loss, normaliser=lambda cmask, G: len(cmask), passes=lambda cfg: 2 * cfg.espo_mc,
+                        copies=lambda cfg: 2 * cfg.espo_mc),
 }
 
 
-def method_updates(policy, opt, sched, params, batch, cfg, world, gen, autocast, timings):
-    """Stages 3-5 for --method wd1 | spg | espo: draw every mask of the mu updates, the old and reference estimates
-    when the method has a ratio, then mu optimizer steps on the method's loss. Returns the metric sums of d1's
-    inner_updates and the log-likelihood forward passes per completion."""
-    meth, model = METHODS[cfg.method], policy.model
-    prompt_ids, prompt_attn, completion, adv, cmask = batch
-    mu, N, G = cfg.num_iterations, len(completion), cfg.num_generations
-    masks = meth.draw(gen, mu, prompt_attn, cmask, cfg)                     # 3. {name: (mu, N, ...)}, drawn once
-    passes = 0
+# -----------------------------------------------------------------------------
+# The recipe: d1's (diffu_grpo.GRPOConfig) plus the methods' own flags; a flag a method does not use is refused.
 
-    def estimate(m, j, sl):
-        nonlocal passes
-        passes += meth.passes(cfg) * len(completion[sl])
-        return meth.estimate(m, prompt_ids[sl], prompt_attn[sl], completion[sl], cmask[sl],
-                             {k: v[j, sl] for k, v in masks.items()}, cfg)
+GROUP = "beyond d1 (methods.py)"
 
-    def every_update(m, rows):  # (mu, N, ...) estimates with the masks of every update, no grad
-        return torch.stack([torch.cat([estimate(m, j, slice(i, i + rows)) for i in range(0, N, rows)])
-                            for j in range(mu)])
 
-    rows = cfg.logp_batch_size or cfg.micro_batch_size
-    t0 = time.perf_counter()
-    with torch.no_grad(), autocast:                                          # 4. old and reference estimates
-        old = every_update(model, rows) if meth.ratio and mu > 1 else None  # mu = 1: old = current, ratio 1
-    timings["old_logps"], t0 = time.perf_counter() - t0, time.perf_counter()
-    ref = None
-    if meth.ratio and cfg.beta > 0:
-        with torch.no_grad(), autocast, policy.ref_context():
-            ref = every_update(policy.ref_model(), rows)
-        policy.ref_passes += mu
-    timings["ref_logps"], t0 = time.perf_counter() - t0, time.perf_counter()
-    coef, norm = meth.coefficients(adv, G), meth.normaliser(cmask, G)       # 5. mu updates
-    model.train()
-    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "grad_norm": 0.0}
-    for j in range(mu):
-        for i in range(0, N, cfg.micro_batch_size):
-            sl = slice(i, i + cfg.micro_batch_size)
-            with autocast:
-                est = estimate(model, j, sl)
-            old_j = est.detach() if old is None else old[j][sl]
-            loss, st = meth.loss(est, old_j, None if ref is None else ref[j][sl], coef[sl], cmask[sl], cfg)
-            (loss / norm).backward()
-            sums["loss"] += loss.item() / float(norm) / mu
-            sums["kl"] += float(st.get("kl", 0.0)) / float(norm) / mu
-            sums["clipped"] += float(st.get("clipped", 0.0)) / float(norm) / mu
-        sums["grad_norm"] += D.optimizer_step(params, opt, sched, world, cfg.max_grad_norm) / mu
-    timings["update"] = time.perf_counter() - t0
-    return sums, passes / N
+@dataclass(frozen=True)
+class MethodConfig(D.GRPOConfig):
+    method: str = option("d1", "the RL objective: d1 (diffu-GRPO) or one published after it: wd1 (ratio-free "
+                         "weighted likelihood), spg (sandwiched ELBO/EUBO bounds), espo (sequence ELBO ratio); each "
+                         "takes its authors' beta and epsilon from a preset", GROUP, choices=sorted(METHODS))
+    spg_mode: str = option("mix", "SPG's bound for completions with A <= 0: elbo, eubo, or mix = omega EUBO + "
+                           "(1 - omega) ELBO", GROUP, choices=["elbo", "eubo", "mix"])
+    spg_beta: float = option(1.5, "SPG's EUBO exponent (>= 1; authors: 1.5, and 1.0 on Sudoku)", GROUP)
+    spg_omega: float = option(0.5, "SPG's mixture weight omega of the EUBO", GROUP)
+    spg_copies: int = option(2, "SPG's m: block-masked copies of each completion per update", GROUP)
+    espo_mc: int = option(2, "ESPO's M: mask draws per sequence ELBO, each a primary and a complementary pass", GROUP)
+
+    def check(self, typed):
+        """d1's checks, then: a flag the chosen --method does not use is refused, not ignored."""
+        cfg = D.GRPOConfig.check(self, typed)
+        unused = {"d1": ["spg_*", "espo_mc"], "wd1": ["beta", "epsilon", "spg_*", "espo_mc"],
+                  "spg": ["beta", "epsilon", "espo_mc"], "espo": ["p_mask_prompt", "spg_*"]}[self.method]
+        for name in typed:
+            require(not any(name == u or (u.endswith("*") and name.startswith(u[:-1])) for u in unused),
+                    f"--{name.replace('_', '-')} is not used by --method {self.method}")
+        require(self.method not in ("wd1", "spg") or self.beta == 0, f"--method {self.method} has no KL term")
+        require(self.spg_beta >= 1 and 0 <= self.spg_omega <= 1 and self.spg_copies >= 1 and self.espo_mc >= 1,
+                "need --spg-beta >= 1 (a Renyi bound), 0 <= --spg-omega <= 1, --spg-copies >= 1 and --espo-mc >= 1")
+        require(self.method != "espo" or self.epsilon < 1, "--method espo clips the sequence ratio to "
+                "[1 - epsilon, 1 + epsilon]: need --epsilon < 1")
+        return cfg
+
+
+# The methods with their authors' values (their papers' scripts), applied over d1's presets: no KL for wd1 and SPG
+# (nor a reference pass), ESPO's clip 0.2 and its per-task k2 KL coefficient, SPG's EUBO exponent 1.0 on Sudoku.
+PRESETS = {
+    **D.PRESETS,
+    "wd1": dict(beta=0.0),
+    "spg": dict(beta=0.0),
+    "spg sudoku": dict(spg_beta=1.0),
+    "espo": dict(epsilon=0.2, beta=1e-3),
+    "espo sudoku": dict(beta=1e-2),
+    "espo countdown": dict(beta=3e-3),
+}
+
+
+def choose_presets(typed):
+    """d1's presets (the task's values, the tiny recipe), then the --method's own values."""
+    task, method = typed.get("task", MethodConfig.task), typed.get("method", MethodConfig.method)
+    return D.choose_presets(typed) + [n for n in (method, f"{method} {task}") if n in PRESETS]
+
+
+def get_config(argv=None):
+    """(MethodConfig, the presets applied) from the command line."""
+    cfg, names = parse_config(MethodConfig, argv, __doc__.split("\n\n")[0].strip() + "\n\n" +
+                              __doc__.split("\n\n")[1], PRESETS, choose_presets)
+    return replace(cfg, preset="tiny" if "tiny" in names else "d1"), names
+
+
+def get_args(argv=None):
+    return get_config(argv)[0]
+
+
+def main(argv=None):
+    cfg, presets = get_config(argv)
+    return D.train(cfg, presets, METHODS[cfg.method])
+
+
+if __name__ == "__main__":
+    cli(main)

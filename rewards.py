@@ -9,8 +9,13 @@ no printing, no global state, and they cannot hang: arithmetic goes through a sm
 every input string, however hostile, returns a float.
 
 Evaluation scoring (d1's parser and ours) lives in scoring.py and reuses the extraction helpers below.
+
+    python rewards.py --task sudoku --puzzle 2403132442010140 --solution 2413132442313142 \
+        --completion "<answer>2413132442313142</answer>"                # every reward of the task, and their sum
+    python rewards.py --task gsm8k --answer 72 --completion "<reasoning>...</reasoning><answer>72</answer>"
 """
 
+import argparse
 import math
 import re
 
@@ -398,3 +403,43 @@ REWARDS = {
     "countdown": [(countdown_reward_func, 1.0)],
     "sudoku": [(sudoku_reward_func, 1.0)],
 }
+
+
+def weighted_rewards(task, weights=None):
+    """[(reward function, weight)] of a task: d1's functions, with d1's weights (all 1) unless `weights` (one per
+    function, diffu_grpo.py --reward-weights) replaces them."""
+    return [(f, w if weights is None else weights[i]) for i, (f, w) in enumerate(REWARDS[task])]
+
+
+# The dataset columns each task's rewards read, as flags of the command line below.
+COLUMNS = {"gsm8k": ["answer"], "math": ["answer"], "countdown": ["nums", "target"], "sudoku": ["puzzle", "solution"]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Score one completion with the rewards diffu-GRPO trains on: each "
+                                 "reward function of the task, and the weighted sum (the training reward).")
+    g = ap.add_argument_group("what to score")
+    g.add_argument("--task", required=True, choices=sorted(REWARDS), help="the task, whose d1 rewards are used")
+    g.add_argument("--completion", required=True, help="the model's completion text")
+    c = ap.add_argument_group("the item's columns (the task says which it needs)")
+    c.add_argument("--answer", help="gsm8k, math: the reference answer")
+    c.add_argument("--nums", type=int, nargs="+", help="countdown: the numbers")
+    c.add_argument("--target", type=int, help="countdown: the target")
+    c.add_argument("--puzzle", help="sudoku: the puzzle, 16 digits with 0 for a blank")
+    c.add_argument("--solution", help="sudoku: the solution, 16 digits")
+    args = ap.parse_args(argv)
+    missing = [f"--{k}" for k in COLUMNS[args.task] if getattr(args, k) is None]
+    if missing:
+        ap.error(f"--task {args.task} needs {' and '.join(missing)}")
+    columns = {k: [getattr(args, k)] for k in COLUMNS[args.task]}
+    total = 0.0
+    for fn, w in weighted_rewards(args.task):
+        v = fn([[{"role": "user", "content": ""}]], [args.completion], **columns)[0] or 0.0
+        total += w * v
+        print(f"{fn.__name__:<30} {v:.4f}" + (f"  (weight {w:g})" if w != 1 else ""))
+    print(f"{'reward (the sum)':<30} {total:.4f}")
+    return total
+
+
+if __name__ == "__main__":
+    main()

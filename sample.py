@@ -27,10 +27,15 @@ reuses the keys/values of everything before the current block (prefix KV cache).
 
 import argparse
 import math
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from common import setup_model
+from config import HelpFormatter, add_model_args
 
 
 @dataclass
@@ -317,11 +322,13 @@ def render_prompts(tokenizer, texts, prefill=""):
                                           tokenize=False) + prefill for t in texts]
 
 
-def encode_prompts(tokenizer, texts, device="cpu", prefill=""):
-    """render_prompts, tokenized and left-padded into (ids, attention_mask)."""
-    rendered = render_prompts(tokenizer, texts, prefill)
-    return pad_left([tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered], tokenizer.pad_token_id,
-                    device)
+def encode_prompts(tokenizer, texts, device="cpu", prefill="", keep_last=None):
+    """render_prompts, tokenized and left-padded: (ids (B, P), attention_mask (B, P), prompts cut). With keep_last
+    a longer prompt keeps its last N tokens (d1/TRL's left truncation, diffu_grpo.py --max-prompt-length)."""
+    lists = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in render_prompts(tokenizer, texts, prefill)]
+    cut = keep_last or max(len(p) for p in lists)
+    ids, attn = pad_left([p[-cut:] for p in lists], tokenizer.pad_token_id, device)
+    return ids, attn, sum(len(p) > cut for p in lists)
 
 
 def pad_left(rows, pad_id, device="cpu"):
@@ -369,6 +376,7 @@ def add_sampling_args(ap, gen_length=128, block_length=32, steps=64, temperature
         if name == "steps" and d is None:
             help += " (default: gen_length // 2)"
         g.add_argument(*names, dest=name, default=d, help=help, **kw)
+    return g
 
 
 def sampling_kwargs(args):
@@ -378,17 +386,13 @@ def sampling_kwargs(args):
 
 
 if __name__ == "__main__":
-    import time
-
-    from common import HelpFormatter, add_model_args, setup_model
-
     ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=HelpFormatter)
     add_model_args(ap)
     g = ap.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=None,
                    help="user message; repeat the flag for several prompts, batched together (default: two examples)")
-    add_sampling_args(ap)
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (with --temperature > 0)")
+    s = add_sampling_args(ap)
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (with --temperature > 0)")
     w = ap.add_argument_group("watching the canvas")
     w.add_argument("--show", action="store_true", help="print the first prompt's canvas after every denoising step: "
                    "masked positions as a placeholder, the tokens committed at that step highlighted")
@@ -396,12 +400,11 @@ if __name__ == "__main__":
     w.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                    help="highlight with ANSI colours (auto: when stdout is a terminal)")
     args = ap.parse_args()
-    import sys
     check_sampling(args.gen_length, args.block_length, args.steps, args.temperature, args.cfg_scale,
                    args.remasking, args.threshold)
     model, tok, device = setup_model(args)
     prompts = args.prompt or ["What is 2+2?", "Write the digits 1 to 4."]
-    ids, mask = encode_prompts(tok, prompts, device)
+    ids, mask, _ = encode_prompts(tok, prompts, device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     show = None

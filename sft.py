@@ -28,7 +28,7 @@ Length: d1 pads every s1K example to 4096 tokens with EOS. We pad to --max-lengt
 learns to fill the rest with EOS) and truncate longer answers; the script reports how many were truncated.
 
 Reading order: the objective (sft_loss), one optimizer step (train_step), the validation loss, then main. The
-recipe (SFTConfig, d1's values) and its presets are at the bottom; the run around the loop is common.Run.
+recipe (SFTConfig, d1's values) and its presets are at the bottom; the run around the loop is harness.Run.
 
     torchrun --nproc_per_node=2 sft.py --model tiny --task sudoku        # the same run on 2 processes (gloo)
     torchrun --nproc_per_node=8 sft.py --task s1k --grad-ckpt            # d1's recipe on LLaDA-8B-Instruct
@@ -42,11 +42,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import common
+import config
 import model as M
-from common import (Run, all_reduce_grads, batch_for, broadcast_params, compute_init, lora_targets, make_optimizer,
-                    option, parse_config, print0, require, shared, training_setup)
+from common import (batch_for, broadcast_params, cli, compute_init, lora_targets, make_trainer, optimizer_step,
+                    print0, training_setup)
+from config import option, parse_config, require, shared
 from data import BLANKS, sft_split
+from harness import Run, next_commands, prepare_run_dir
 from memory import Setting, check_fits
 
 # -----------------------------------------------------------------------------
@@ -103,25 +105,20 @@ def maskable_start(plens, coin, objective):
 # One optimizer step
 
 
-def train_step(model, params, opt, sched, ids, starts, t, u, *, micro_batch, eps, norm, max_grad_norm, world,
-               autocast):
-    """One optimizer step on this rank's share of the global batch: ids (b, T), starts (b,), t (b,), u (b, T).
-    Micro-batches of `micro_batch` rows accumulate, gradients are averaged over ranks (= the mean over the global
-    batch), clipped and applied. Returns the metrics."""
+def train_step(tr, ids, starts, t, u, micro_batch, eps, norm):
+    """One optimizer step (common.Trainer tr) on this rank's share of the global batch: ids (b, T), starts (b,),
+    t (b,), u (b, T). Micro-batches of `micro_batch` rows accumulate; common.optimizer_step averages the gradients
+    over ranks (= the mean over the global batch), clips and applies them. Returns the metrics."""
     accum = len(ids) // micro_batch
     loss_sum = 0.0
     for m in range(accum):
         sl = slice(m * micro_batch, (m + 1) * micro_batch)
-        with autocast:  # bf16 compute on a GPU; a no-op on the CPU
-            loss = sft_loss(model, ids[sl], starts[sl], model.cfg.mask_token_id, t[sl], u[sl], eps, norm)
+        with tr.autocast:  # bf16 compute on a GPU; a no-op on the CPU
+            loss = sft_loss(tr.model, ids[sl], starts[sl], tr.model.cfg.mask_token_id, t[sl], u[sl], eps, norm)
         (loss / accum).backward()
         loss_sum += loss.item() / accum
-    all_reduce_grads(params, world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+    grad_norm = optimizer_step(tr)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": tr.sched.get_last_lr()[0]}
 
 
 # -----------------------------------------------------------------------------
@@ -167,7 +164,7 @@ def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast, level
 def main(argv=None):
     cfg, presets = get_config(argv)
     rank, _, world, device = compute_init(cfg.device)
-    common.prepare_run_dir(cfg)  # refuses to mix two runs in one --out-dir; checks a --resume
+    prepare_run_dir(cfg)  # refuses to mix two runs in one --out-dir; checks a --resume
     batch_size, per_rank = batch_sizes(cfg, world)
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
     check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size, prompt_len=0, completion_len=cfg.max_length,
@@ -177,16 +174,17 @@ def main(argv=None):
     (ids, plens), (val_ids, val_plens) = tokenized_split(cfg, tok, model.cfg.eos_token_id)
     N, T = ids.shape
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * N / batch_size)
-    print0(f"preset {'+'.join(presets) or 'd1'} | {N} training examples, {len(val_ids)} for validation | "
-           f"{model.num_params():,} params, {sum(p.numel() for p in params):,} trainable | world {world}, "
-           f"{per_rank} per rank in micro-batches of {cfg.micro_batch_size} | {total_steps} steps")
-    opt, sched = make_optimizer(params, cfg, total_steps)
-    run = Run(cfg, model, tok, opt, sched, params, total_steps, "sft", keep_best=cfg.keep_best or cfg.patience > 0,
-              patience=cfg.patience)
+    print0(f"masked SFT on {cfg.task} (preset {'+'.join(presets) or 'd1'}): {N} training examples, {len(val_ids)} "
+           f"for validation | {model.num_params():,} params, {sum(p.numel() for p in params):,} trainable | "
+           f"world {world}, {per_rank} examples per rank in micro-batches of {cfg.micro_batch_size} | "
+           f"{total_steps} steps")
+    tr = make_trainer(model, params, cfg, total_steps, world, autocast)
+    run = Run(cfg, tr, tok, total_steps, "sft", keep_best=cfg.keep_best or cfg.patience > 0, patience=cfg.patience)
     validate = validation(cfg, model, val_ids, val_plens, device, autocast, rank, world)
     if run.start == 0:
-        run.log.write(step=0, eval_loss=validate())
-        run.evaluated(0, validate.last)
+        loss = validate()
+        run.log.write(step=0, eval_loss=loss)
+        run.evaluated(0, loss)
     model.train()
     metrics = {}
     for step in run.steps():
@@ -196,17 +194,16 @@ def main(argv=None):
         idx = batch_for(step - 1, batch_size, N, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
         t, u, coin = (x[rank * per_rank:(rank + 1) * per_rank] for x in noise_for(step - 1, cfg.seed, batch_size, T))
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # LoRA dropout's RNG (F.dropout takes no generator): per step
-        metrics = train_step(model, params, opt, sched, ids[idx].to(device),
-                             maskable_start(plens[idx], coin, cfg.objective).to(device), t.to(device), u.to(device),
-                             micro_batch=cfg.micro_batch_size, eps=cfg.eps, norm=cfg.loss_norm,
-                             max_grad_norm=cfg.max_grad_norm, world=world, autocast=autocast)
+        starts = maskable_start(plens[idx], coin, cfg.objective)
+        metrics = train_step(tr, ids[idx].to(device), starts.to(device), t.to(device), u.to(device),
+                             cfg.micro_batch_size, cfg.eps, cfg.loss_norm)
         metrics["step_time"] = time.perf_counter() - t0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
             metrics["eval_loss"] = validate()
             run.evaluated(step, metrics["eval_loss"])
         if run.end_step(step, metrics):
             break
-    return run.finish(metrics)
+    return run.finish(metrics, hints=next_commands(cfg, "sft"))
 
 
 # -----------------------------------------------------------------------------
@@ -257,27 +254,23 @@ def tokenized_split(cfg, tok, eos_id):
 
 
 def validation(cfg, model, ids, plens, device, autocast, rank, world):
-    """validate() -> the validation loss (also kept as validate.last); its cost is printed once."""
+    """validate() -> the validation loss; its cost is printed once."""
     levels = noise_levels(cfg.eval_noise_levels)
     print0(f"validation: {len(ids)} examples x {len(levels)} noise levels x {ids.shape[1]} tokens = "
            f"{len(ids) * len(levels) * ids.shape[1]:,} forward tokens per evaluation, sharded over {world} rank(s)")
-
-    def validate():
-        validate.last = heldout_loss(model, ids, plens, model.cfg.mask_token_id, cfg.micro_batch_size * 4, device,
-                                     autocast, levels, rank, world)
-        return validate.last
-    return validate
+    return lambda: heldout_loss(model, ids, plens, model.cfg.mask_token_id, cfg.micro_batch_size * 4, device,
+                                autocast, levels, rank, world)
 
 
 # -----------------------------------------------------------------------------
 # The recipe: d1's sft_train.py as it ran (LoRA r 128, alpha 256, dropout 0.05 on q/k/v; lr 1e-5, linear decay, no
 # warmup; weight decay 0.1; grad-norm 1.0; 1 example per device x 4 accumulation steps; 20 epochs; 4096 tokens; 1%
-# held out, evaluated every 100 steps, best checkpoint kept; seed 42). Every field is a flag (common.option).
+# held out, evaluated every 100 steps, best checkpoint kept; seed 42). Every field is a flag (config.option).
 
 
 @dataclass(frozen=True)
-class SFTConfig(common.TrainerConfig):
-    # Inherited from common.TrainerConfig, the same in both trainers: model, preset, adapter, dtype, device,
+class SFTConfig(config.TrainerConfig):
+    # Inherited from config.TrainerConfig, the same in both trainers: model, preset, adapter, dtype, device,
     # grad_ckpt, force, data_path, prompt_style, train_n, save_every, resume, halt_after, export, no_export.
     lora_r: int = shared("lora_r", 128)
     lora_alpha: float = shared("lora_alpha", 256.0)
@@ -330,7 +323,7 @@ class SFTConfig(common.TrainerConfig):
 
     def check(self, typed):
         """Every value checked before any work: a nonsense value is refused, never replaced."""
-        common.check_trainer(self)
+        config.check_trainer(self)
         require(self.sudoku_answers != "random" or self.task == "sudoku", "--sudoku-answers random is for --task "
                 "sudoku")
         require(self.epochs > 0 and self.max_length > 0 and self.grad_accum > 0 and self.eval_noise_levels > 0,
@@ -361,7 +354,7 @@ PRESETS = {
 
 def choose_presets(typed):
     """The presets a command line calls for: none for d1's model, 'tiny' (+ its task's) for the tiny one."""
-    if common.model_scale(typed.get("model", SFTConfig.model), typed.get("preset", "auto")) != "tiny":
+    if config.model_scale(typed.get("model", SFTConfig.model), typed.get("preset", "auto")) != "tiny":
         return []
     task = typed.get("task", PRESETS["tiny"]["task"])
     return ["tiny"] + ([f"tiny {task}"] if f"tiny {task}" in PRESETS else [])
@@ -380,4 +373,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -138,7 +138,8 @@ ROW = {"gsm8k": gsm8k_row, "math": math_row, "countdown": countdown_row, "sudoku
 
 def _hub(key, split):
     import datasets
-    from model import UsageError, hub_reachable
+    from model import UsageError
+    from weights import hub_reachable
     hub_id, config = HUB[key]
     try:
         if not hub_reachable():  # a cached copy or nothing, now rather than after half a minute of retries

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The estimator arena: d1, wd1, SPG and ESPO (diffu_grpo.py --method) on the tiny Sudoku recipe, from the same SFT
+# The estimator arena: d1, wd1, SPG and ESPO (methods.py --method) on the tiny Sudoku recipe, from the same SFT
 # model, each for the same wall-clock budget (--time-budget), over seeds x CPU kernels, with one-step rollouts and
 # with multi-step rollouts (d1's iterative decoding, where the one-step estimator is biased); the control: the same
 # SFT continued on its labelled set for the same budget. Per run (OUT/$K-$SEED):
 #   1. sft.py          the demo's SFT model (the tiny preset)                                       sft/
-#   2. diffu_grpo.py   for each MODE and METHOD, torchrun 2 processes, --time-budget BUDGET_$MODE   $MODE/$METHOD/
+#   2. methods.py      for each MODE and METHOD, torchrun 2 processes, --time-budget BUDGET_$MODE   $MODE/$METHOD/
 #   3. sft.py          the control, 1 process, the same budget                                      $MODE/sft_cont/
 #   4. eval.py         every model (and the SFT start) on the held-out puzzles, greedy, decoded the way its mode
 #                      rolls out                                                                    $MODE/eval_$ARM/
@@ -45,7 +45,7 @@ for SEED in $SEEDS; do      # seeds outside, kernels inside: an arena stopped ea
         done_ $D/$MODE/$METHOD && continue
         eval XA=\${ARGS_$METHOD:-}   # ARGS_<method>: extra flags for that method only (e.g. its own --lr)
         echo "== $K seed $SEED, $MODE-step rollouts: $METHOD for $B min"
-        OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29551} diffu_grpo.py \
+        OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29551} methods.py \
           --model $D/sft/final --task sudoku --method $METHOD $DEC --data-seed $((SEED + 1)) --seed $SEED \
           --max-steps 100000 --time-budget $B --sample-every 0 --save-minutes 0 --out-dir $D/$MODE/$METHOD --overwrite $XA
       done

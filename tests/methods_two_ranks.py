@@ -2,7 +2,6 @@
 split over the two ranks (one group each, world 2) and, on rank 0, on the whole batch in one process (world 1), from
 the same weights with the same masks. Prints 'METHOD difference moved' per method: the largest weight difference between the two, and how far
 the weights moved."""
-import contextlib
 import copy
 import dataclasses
 import os
@@ -13,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from common import Trainer  # noqa: E402
 import diffu_grpo as D  # noqa: E402
 import methods  # noqa: E402
 import model as M  # noqa: E402
@@ -28,7 +28,6 @@ attn[1, :2] = attn[4, :3] = 0
 completion = torch.randint(3, 100, (N, L), generator=g)
 cmask = torch.ones(N, L)  # equal token counts on both ranks: every method's normaliser is then equal too
 adv = D.group_advantages(torch.rand(N, generator=g), G)
-nothing = contextlib.nullcontext()
 
 
 def updates(cfg, name, masks, rows, w):
@@ -38,26 +37,18 @@ def updates(cfg, name, masks, rows, w):
     opt = torch.optim.SGD(params, lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     policy = D.Policy(model, copy.deepcopy(base).eval().requires_grad_(False))
-    batch = (prompt[rows], attn[rows], completion[rows], adv[rows], cmask[rows])
-    if name == "d1":
-        pats = masks["prompt"][:, rows]
-        old, ref = D.old_and_ref_logps(policy, *batch[:3], pats, cfg.beta, 3, nothing, {})
-        D.inner_updates(model, opt, sched, params, batch, pats, old, ref, epsilon=cfg.epsilon, beta=cfg.beta,
-                        micro_batch=3, max_grad_norm=cfg.max_grad_norm, world=w, autocast=nothing)
-    else:
-        meth = methods.METHODS[name]
-        methods.METHODS[name] = dataclasses.replace(meth, draw=lambda *a: {k: v[:, rows] for k, v in masks.items()})
-        methods.method_updates(policy, opt, sched, params, batch, cfg, w, None, nothing, {})
-        methods.METHODS[name] = meth
+    tr = Trainer(model, opt, sched, params, w, cfg.max_grad_norm)
+    b = D.Rollouts(prompt[rows], attn[rows], completion[rows], adv[rows], cmask[rows])
+    obj = dataclasses.replace(methods.METHODS[name], draw=lambda *a: {k: v[:, rows] for k, v in masks.items()})
+    D.learn(policy, tr, obj, b, cfg, None)
     return torch.cat([p.detach().flatten() for p in params])
 
 
 for name in ("d1", "wd1", "spg", "espo"):
-    cfg = D.get_args(["--model", "tiny", "--method", name, "--gen-length", str(L), "--block-length", "8", "--steps",
+    cfg = methods.get_args(["--model", "tiny", "--method", name, "--gen-length", str(L), "--block-length", "8", "--steps",
                       "2", "--num-generations", str(G), "--num-iterations", str(mu), "--micro-batch-size", "3"])
     gen = torch.Generator().manual_seed(2)  # the same masks on both ranks: drawn for the whole batch
-    masks = ({"prompt": D.prompt_mask_patterns(gen, mu, attn, cfg.p_mask_prompt)} if name == "d1"
-             else methods.METHODS[name].draw(gen, mu, attn, cmask, cfg))
+    masks = methods.METHODS[name].draw(gen, mu, attn, cmask, cfg)
     split = updates(cfg, name, masks, slice(rank * N // 2, (rank + 1) * N // 2), world)
     if rank == 0:
         whole = updates(cfg, name, masks, slice(0, N), 1)

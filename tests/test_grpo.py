@@ -1,5 +1,4 @@
 import json
-import contextlib
 import math
 
 import pytest
@@ -8,6 +7,8 @@ import torch.nn.functional as F
 
 import diffu_grpo as D
 import model as M
+from common import Trainer
+import weights as W
 from conftest import launch
 
 TINY_RL = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
@@ -61,8 +62,9 @@ def test_all_patterns_in_one_stacked_batch_equal_one_call_per_pattern(tiny):
     prompt, attn, completion, pats = toy_rollouts(1, 4, padded_row=2, pad=3)
     want = torch.stack([D.per_token_logps(tiny, prompt, attn, completion, pats[j], tiny.cfg.mask_token_id)
                         for j in range(4)])
+    b = D.Rollouts(prompt, attn, completion, torch.zeros(3), torch.ones(completion.shape))
     for mb in (12, 5):  # all 4 x 3 rows at once, and micro-batches that straddle two patterns
-        got = D.per_token_logps_all(tiny, prompt, attn, completion, pats, tiny.cfg.mask_token_id, mb)
+        got = D.estimates(tiny, D.D1, b, {"prompt": pats}, None, mb)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -131,7 +133,7 @@ def run_one_batch(tiny, tok, mu, beta, G=3, extra=()):
     from data import load_task
     rows = [load_task("sudoku", "train", style="compact", n=2)[i] for i in range(2)]
     gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "mask"))}
-    metrics, _ = D.rl_step(policy, opt, sched, params, rows, tok, args, 1, gens, contextlib.nullcontext(), "cpu")
+    metrics, _ = D.rl_step(policy, Trainer(rec, opt, sched, params), rows, tok, args, gens)
     return rec, policy, metrics, opt
 
 
@@ -211,8 +213,7 @@ def test_rollouts_use_the_deterministic_policy_unless_rollout_mode_train(tiny, t
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "mask"))}
         torch.manual_seed(global_seed)
-        _, samples = D.rl_step(D.Policy(tiny), opt, sched, params, rows, tok, args, 1, gens,
-                               contextlib.nullcontext(), "cpu")
+        _, samples = D.rl_step(D.Policy(tiny), Trainer(tiny, opt, sched, params), rows, tok, args, gens)
         tiny.load_state_dict(state)
         return [c for _, c, _ in samples]
 
@@ -246,25 +247,25 @@ def test_rl_from_an_sft_adapter_starts_at_the_sft_model_and_its_reference_is_the
     """d1 starts RL from the SFT model. The SFT adapter (--adapter) is kept exactly (frozen factors): the policy
     starts AT the SFT model, the reference policy (trainable adapters off) IS the SFT model, and after RL steps the
     exact export reloads the trained policy."""
-    sft, _ = M.build("tiny", seed=0)
+    sft, _ = W.build("tiny", seed=0)
     M.apply_lora(sft, 4, 8, targets=("q_proj", "k_proj", "v_proj"), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for n, p in sft.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    M.save_model(sft, str(tmp_path / "sft"), tok)  # base + adapter.safetensors
+    W.save_model(sft, str(tmp_path / "sft"), tok)  # base + adapter.safetensors
     monkeypatch.setitem(D.REWARDS, "sudoku", [(digits_reward, 1.0)])
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
     sft_logits = sft(ids).detach()
     out = tmp_path / "rl"
-    policy = D.main(TINY_RL + ["--adapter", str(tmp_path / "sft" / M.ADAPTER_FILE), "--num-iterations", "2",
+    policy = D.main(TINY_RL + ["--adapter", str(tmp_path / "sft" / W.ADAPTER_FILE), "--num-iterations", "2",
                                "--max-steps", "2", "--beta", "0.04", "--out-dir", str(out)])
     model = policy.model.eval()  # (no LoRA dropout)
     with M.lora_disabled(model):
         torch.testing.assert_close(model(ids), sft_logits, atol=1e-5, rtol=0)
     trained = model(ids).detach()
     assert not torch.allclose(trained, sft_logits, atol=1e-5)  # RL moved the policy
-    torch.testing.assert_close(M.load_model(str(out / "final"))(ids), trained, atol=1e-6, rtol=0)
+    torch.testing.assert_close(W.load_model(str(out / "final"))(ids), trained, atol=1e-6, rtol=0)
 
 
 def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monkeypatch, tmp_path):
@@ -289,7 +290,7 @@ def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monk
         with torch.no_grad():
             return model.eval()(x)[:, ids.shape[1]:].softmax(-1)[..., seven].mean().item()
 
-    before = expected_reward(M.build("tiny", seed=0)[0])
+    before = expected_reward(W.build("tiny", seed=0)[0])
     policy = D.main(["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "64",
                      "--gen-length", "16", "--block-length", "16", "--steps", "1", "--temperature", "1.0",
                      "--num-generations", "8", "--prompts-per-step", "4", "--micro-batch-size", "32", "--lora-r", "0",
@@ -309,8 +310,8 @@ def test_resume_continues_exactly_and_rollouts_do_not_depend_on_the_global_rng(t
     assert not (tmp_path / "halted" / "final").exists()
     torch.manual_seed(12345)  # a different global RNG state must not matter
     D.main(args + ["--out-dir", str(tmp_path / "halted"), "--resume"])
-    a = M.load_model(str(tmp_path / "straight" / "final")).state_dict()
-    b = M.load_model(str(tmp_path / "halted" / "final")).state_dict()
+    a = W.load_model(str(tmp_path / "straight" / "final")).state_dict()
+    b = W.load_model(str(tmp_path / "halted" / "final")).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -334,10 +335,7 @@ def test_eval_every_keeps_the_best_validation_step_ties_the_earlier_and_names_it
     def fake_validation(*a, **k):
         scripted = iter([0.1, 0.5, 0.5, 0.2])
 
-        def validate():
-            validate.last = {"eval_accuracy": next(scripted), "eval_reward": 0.0}
-            return validate.last
-        return validate
+        return lambda: {"eval_accuracy": next(scripted), "eval_reward": 0.0}
     monkeypatch.setattr(D, "validation", fake_validation)
     args = TINY_RL + ["--lora-r", "0", "--num-iterations", "2", "--max-steps", "6", "--eval-every", "2"]
     D.main(args + ["--keep-best", "--out-dir", str(tmp_path / "best")])
@@ -345,8 +343,8 @@ def test_eval_every_keeps_the_best_validation_step_ties_the_earlier_and_names_it
     meta = json.load(open(tmp_path / "best" / "final" / "meta.json"))
     assert meta["best_step"] == 2
     D.main(args + ["--halt-after", "2", "--out-dir", str(tmp_path / "two")])  # the same prompts, stopped at 2
-    a = M.load_model(str(tmp_path / "best" / "final")).state_dict()
-    b = M.load_model(str(tmp_path / "two" / "checkpoint")).state_dict()
+    a = W.load_model(str(tmp_path / "best" / "final")).state_dict()
+    b = W.load_model(str(tmp_path / "two" / "checkpoint")).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     logged = [json.loads(line) for line in open(tmp_path / "best" / "metrics.jsonl")]
@@ -374,5 +372,5 @@ def test_every_sampling_flag_diffu_grpo_accepts_reaches_the_sampler(tiny, tok, m
     from data import load_task
     rows = [load_task("sudoku", "train", style="compact", n=1)[0]]
     gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("rollout", "mask"))}
-    D.rl_step(D.Policy(tiny), opt, sched, params, rows, tok, args, 1, gens, contextlib.nullcontext(), "cpu")
+    D.rl_step(D.Policy(tiny), Trainer(tiny, opt, sched, params), rows, tok, args, gens)
     assert {k: seen[k] for k in values} == values

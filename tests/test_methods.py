@@ -1,6 +1,5 @@
 """methods.py: wd1, SPG and ESPO, each against a hand computation (masks, estimate, loss), the form of its first
 update, micro-batch independence, 2 gloo ranks = 1, and the flags each method refuses."""
-import contextlib
 import copy
 import math
 
@@ -10,13 +9,14 @@ import torch.nn.functional as F
 
 import diffu_grpo as D
 import methods
+from common import Trainer
 from conftest import launch
 
 BASE = ["--model", "tiny", "--gen-length", "16", "--block-length", "8", "--steps", "2", "--num-generations", "3"]
 
 
 def cfg_for(method, *extra):
-    return D.get_args(BASE + ["--method", method, *extra])
+    return methods.get_args(BASE + ["--method", method, *extra])
 
 
 def toy_batch(seed, N=6, P=7, L=16, lengths=None):
@@ -182,9 +182,9 @@ def run_updates(tiny, method, micro_batch, first_update=None):
     prompt, attn, completion, cmask = toy_batch(7, lengths=[16, 4, 9, 16, 12, 2])
     adv = D.group_advantages(torch.tensor([1.0, 0.0, 0.3, 0.2, 0.9, 0.4]), 3)
     policy = D.Policy(model, copy.deepcopy(tiny).requires_grad_(False))
-    timings = {}
-    sums, passes = methods.method_updates(policy, opt, sched, params, (prompt, attn, completion, adv, cmask), cfg, 1,
-                                          torch.Generator().manual_seed(0), contextlib.nullcontext(), timings)
+    tr = Trainer(model, opt, sched, params, max_grad_norm=cfg.max_grad_norm)
+    sums, _, passes = D.learn(policy, tr, methods.METHODS[method], D.Rollouts(prompt, attn, completion, adv, cmask),
+                              cfg, torch.Generator().manual_seed(0))
     return torch.cat([p.detach().flatten() for p in params]), sums, passes
 
 
@@ -226,14 +226,14 @@ def test_two_gloo_ranks_give_the_update_of_one_process_for_every_method():
 
 
 def test_each_method_gets_its_authors_values_and_refuses_flags_it_does_not_use(capsys):
-    c = {m: D.get_args(["--model", "tiny", "--method", m]) for m in ("d1", "wd1", "spg", "espo")}
+    c = {m: methods.get_args(["--model", "tiny", "--method", m]) for m in ("d1", "wd1", "spg", "espo")}
     assert c["d1"].beta == 0.04 and c["d1"].epsilon == 0.5  # d1 is untouched
     assert c["wd1"].beta == 0 and c["spg"].beta == 0 and c["spg"].spg_beta == 1.0  # Sudoku: SPG's beta_EUBO 1.0
     assert (c["espo"].epsilon, c["espo"].beta) == (0.2, 1e-2)
-    assert D.get_args(["--model", "tiny", "--method", "espo", "--task", "countdown"]).beta == 3e-3
+    assert methods.get_args(["--model", "tiny", "--method", "espo", "--task", "countdown"]).beta == 3e-3
     for argv in (["--method", "wd1", "--beta", "0.1"], ["--method", "spg", "--epsilon", "0.3"],
                  ["--method", "espo", "--p-mask-prompt", "0.1"], ["--spg-mode", "eubo"],
                  ["--method", "spg", "--espo-mc", "4"], ["--method", "spg", "--spg-beta", "0.5"]):
         with pytest.raises(SystemExit):
-            D.get_args(["--model", "tiny"] + argv)
+            methods.get_args(["--model", "tiny"] + argv)
         assert "--method" in capsys.readouterr().err or "--spg-beta" in argv

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import weights as W
 from conftest import OFFICIAL_TINY_CONFIG, write_official_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_official_sharded_checkpoint_loads_every_tensor(tmp_path):
     tensors = write_official_checkpoint(tmp_path / "ckpt", n_shards=3)
-    model = M.load_model(str(tmp_path / "ckpt"), dtype=torch.bfloat16)
+    model = W.load_model(str(tmp_path / "ckpt"), dtype=torch.bfloat16)
     sd = model.state_dict()
     assert set(sd) == set(tensors)
     for k, t in tensors.items():
@@ -27,10 +28,10 @@ def test_official_sharded_checkpoint_loads_every_tensor(tmp_path):
 def test_missing_or_unexpected_key_is_named_in_the_error(tmp_path):
     write_official_checkpoint(tmp_path / "a", drop="model.transformer.blocks.1.up_proj.weight")
     with pytest.raises(KeyError, match=r"missing \(1\).*blocks\.1\.up_proj\.weight"):
-        M.load_model(str(tmp_path / "a"))
+        W.load_model(str(tmp_path / "a"))
     write_official_checkpoint(tmp_path / "b", add="model.transformer.rotary.inv_freq")
     with pytest.raises(KeyError, match=r"unexpected \(1\).*rotary\.inv_freq"):
-        M.load_model(str(tmp_path / "b"))
+        W.load_model(str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("field,value", [("block_type", "sequential"), ("activation_type", "gelu"),
@@ -51,12 +52,12 @@ def test_config_round_trips_through_official_field_names():
 def test_unreachable_hub_id_fails_with_a_message_naming_it_and_the_local_path_flag(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(M.UsageError, match=r"(?s)'someone/not-cached-model'.*--model DIR"):
-        M.load_model("someone/not-cached-model")
+        W.load_model("someone/not-cached-model")
 
 
 def test_a_missing_local_directory_is_reported_as_such_not_as_a_hub_id(tmp_path):
     with pytest.raises(M.UsageError, match="no such directory"):
-        M.load_model(str(tmp_path / "out" / "final"))
+        W.load_model(str(tmp_path / "out" / "final"))
 
 
 def test_attention_is_bidirectional(tiny):
@@ -170,24 +171,24 @@ def test_lora_fresh_unchanged_off_switch_is_exact_and_merge_reproduces_adapted(t
 
 def test_save_load_round_trip_plain_lora_merged_and_adapter_alone(tiny, tok, tmp_path):
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(5))
-    M.save_model(tiny, str(tmp_path / "plain"), tok, max_shard_bytes=600_000)  # forces several shards
+    W.save_model(tiny, str(tmp_path / "plain"), tok, max_shard_bytes=600_000)  # forces several shards
     assert (tmp_path / "plain" / "model.safetensors.index.json").exists()
     assert (tmp_path / "plain" / "tokenizer.json").exists()
-    assert torch.equal(M.load_model(str(tmp_path / "plain"))(ids), tiny(ids))
+    assert torch.equal(W.load_model(str(tmp_path / "plain"))(ids), tiny(ids))
     M.apply_lora(tiny, r=4, alpha=8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for n, p in tiny.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     adapted = tiny(ids)
-    M.save_model(tiny, str(tmp_path / "merged"), tok, merge=True)  # merged in fp32: official keys only
-    loaded = M.load_model(str(tmp_path / "merged"))
+    W.save_model(tiny, str(tmp_path / "merged"), tok, merge=True)  # merged in fp32: official keys only
+    loaded = W.load_model(str(tmp_path / "merged"))
     assert not M.has_lora(loaded)
     torch.testing.assert_close(loaded(ids), adapted, atol=1e-5, rtol=0)
-    M.save_model(tiny, str(tmp_path / "adapter"), tok, merge=False)  # base weights + adapter.safetensors
-    loaded = M.load_model(str(tmp_path / "adapter"))
+    W.save_model(tiny, str(tmp_path / "adapter"), tok, merge=False)  # base weights + adapter.safetensors
+    loaded = W.load_model(str(tmp_path / "adapter"))
     assert M.has_lora(loaded) and torch.equal(loaded(ids), adapted)
-    reloaded_tok = M.load_tokenizer(str(tmp_path / "plain"))
+    reloaded_tok = W.load_tokenizer(str(tmp_path / "plain"))
     text = "<|startoftext|>hi 12<|endoftext|>"
     assert reloaded_tok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
 
@@ -209,12 +210,12 @@ def test_loader_peak_memory_is_the_model_plus_about_one_shard(tmp_path):
            "n_kv_heads": 8}
     write_official_checkpoint(tmp_path / "big", cfg, n_shards=8, dtype=torch.float32)
     script = textwrap.dedent(f"""
-        import json, sys, torch; sys.path.insert(0, {ROOT!r}); import model as M
+        import json, sys, torch; sys.path.insert(0, {ROOT!r}); import weights as W
         def kb(field):
             return int([l for l in open('/proc/self/status') if l.startswith(field)][0].split()[1])
         open('/proc/self/clear_refs', 'w').write('5')  # reset VmHWM to the current RSS
         before = kb('VmRSS')
-        m = M.load_model({str(tmp_path / 'big')!r})
+        m = W.load_model({str(tmp_path / 'big')!r})
         print(json.dumps(dict(before=before, peak=kb('VmHWM'), model_kb=sum(p.numel() * 4 for p in m.parameters()) // 1024)))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -245,8 +246,8 @@ def test_export_of_a_bf16_lora_run_keeps_a_realistically_small_update(tok, tmp_p
     """The export contract at d1's scale of update: a bf16 base, an adapter whose delta-W RMS is 3e-4 of the
     weights' RMS. A bf16 merge would keep almost none of it (refused); the exact export (base + adapter) and the fp32
     merge, loaded back, reproduce the update's effect on the logits to within 5%."""
-    from common import export_model
-    model, _ = M.build("tiny", torch.bfloat16, seed=3)
+    from harness import export_model
+    model, _ = W.build("tiny", torch.bfloat16, seed=3)
     ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(6))
     base = model(ids).float()
     M.apply_lora(model, r=8, alpha=16, generator=torch.Generator().manual_seed(0))
@@ -257,9 +258,9 @@ def test_export_of_a_bf16_lora_run_keeps_a_realistically_small_update(tok, tmp_p
     assert M.merge_survival(model, torch.bfloat16) < 0.5  # most of the update would round away in bf16
     assert M.merge_survival(model, torch.float32) > 0.999
     with pytest.raises(ValueError, match="keep only"):
-        M.save_model(model, str(tmp_path / "lossy"), tok, merge=True, merge_dtype=torch.bfloat16)
+        W.save_model(model, str(tmp_path / "lossy"), tok, merge=True, merge_dtype=torch.bfloat16)
     export_model(str(tmp_path / "exact"), model, tok, mode="exact")
-    loaded = M.load_model(str(tmp_path / "exact"), torch.bfloat16)
+    loaded = W.load_model(str(tmp_path / "exact"), torch.bfloat16)
     assert (loaded(ids).float() - adapted).norm() <= 0.05 * effect
     # The fp32 merge is compared in fp32 (a bf16 forward's own rounding is as large as this update's effect).
     export_model(str(tmp_path / "merged"), model, tok, mode="merged")
@@ -267,7 +268,7 @@ def test_export_of_a_bf16_lora_run_keeps_a_realistically_small_update(tok, tmp_p
     adapted32 = model32(ids)
     with M.lora_disabled(model32):
         effect32 = (adapted32 - model32(ids)).norm()
-    loaded = M.load_model(str(tmp_path / "merged"), torch.float32)
+    loaded = W.load_model(str(tmp_path / "merged"), torch.float32)
     assert not M.has_lora(loaded)
     assert (loaded(ids) - adapted32).norm() <= 0.05 * effect32
 
@@ -275,14 +276,14 @@ def test_export_of_a_bf16_lora_run_keeps_a_realistically_small_update(tok, tmp_p
 def test_a_second_stage_keeps_the_first_adapter_frozen_exactly_and_exports_both(tok, tmp_path):
     """RL from the SFT model: the SFT adapter becomes frozen factors (part of the starting model, so also of the
     reference policy), a fresh adapter trains on top, and the exact export reloads the stacked policy."""
-    model, _ = M.build("tiny", seed=4)
+    model, _ = W.build("tiny", seed=4)
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(7))
     base = model(ids).detach()
     M.apply_lora(model, r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj"))  # the SFT stage's adapter
     _small_update(model, 1e-2, seed=1)
     sft = model(ids).detach()
-    M.save_model(model, str(tmp_path / "sft"), tok)
-    start = M.load_model(str(tmp_path / "sft"))
+    W.save_model(model, str(tmp_path / "sft"), tok)
+    start = W.load_model(str(tmp_path / "sft"))
     M.apply_lora(start, r=4, alpha=8, generator=torch.Generator().manual_seed(0))  # RL on d1's 4 targets
     assert all(not p.requires_grad for n, p in start.named_parameters() if "lora_frozen" in n)
     torch.testing.assert_close(start(ids), sft, atol=1e-5, rtol=0)  # fresh B = 0: the SFT model
@@ -292,8 +293,8 @@ def test_a_second_stage_keeps_the_first_adapter_frozen_exactly_and_exports_both(
     with M.lora_disabled(start):  # the reference policy is the SFT model, not the base
         torch.testing.assert_close(start(ids), sft, atol=1e-5, rtol=0)
         assert not torch.allclose(start(ids), base, atol=1e-4)
-    M.save_model(start, str(tmp_path / "rl"), tok)
-    torch.testing.assert_close(M.load_model(str(tmp_path / "rl"))(ids), rl, atol=1e-6, rtol=0)
+    W.save_model(start, str(tmp_path / "rl"), tok)
+    torch.testing.assert_close(W.load_model(str(tmp_path / "rl"))(ids), rl, atol=1e-6, rtol=0)
 
 
 def test_local_rank_zero_loads_first_and_the_other_ranks_wait_at_a_barrier(tmp_path):
@@ -306,9 +307,9 @@ def test_local_rank_zero_loads_first_and_the_other_ranks_wait_at_a_barrier(tmp_p
     script.write_text(textwrap.dedent(f"""
         import json, sys, time
         sys.path.insert(0, {ROOT!r})
-        import common, model as M
+        import common, model as M, weights as W
         rank, local_rank, world, device = common.compute_init("cpu")
-        real = M.build
+        real = W.build
         def slow_build(*a, **k):
             start = time.time()
             if rank == 0:
@@ -318,7 +319,7 @@ def test_local_rank_zero_loads_first_and_the_other_ranks_wait_at_a_barrier(tmp_p
                 json.dump({{"start": start, "end": time.time(),
                            "sum": float(sum(p.double().sum() for p in out[0].parameters()))}}, f)
             return out
-        M.build = slow_build
+        W.build = slow_build
         common.build_model({str(tmp_path / "ckpt")!r}, M.torch.float32, "cpu")
         common.compute_cleanup()
     """))

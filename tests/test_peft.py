@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import diffu_grpo as D
 import model as M
+import weights as W
 
 IDS = torch.randint(0, 90, (2, 14), generator=torch.Generator().manual_seed(5))
 
@@ -18,7 +19,7 @@ IDS = torch.randint(0, 90, (2, 14), generator=torch.Generator().manual_seed(5))
 def write_peft(path, targets=("q_proj", "v_proj"), r=4, alpha=8, base_name="tiny", **extra):
     """A PEFT LoRA folder for `base_name` (the tiny model, seed 0, or an official-format checkpoint directory), as
     PEFT's save_pretrained lays it out."""
-    base, _ = M.build(base_name, seed=0)
+    base, _ = W.build(base_name, seed=0)
     g = torch.Generator().manual_seed(1)
     sd = {}
     for name, mod in base.named_modules():
@@ -42,7 +43,7 @@ def hand_applied(folder):
     cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
     s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
     sd = load_file(os.path.join(folder, "adapter_model.safetensors"))
-    model = M.build(cfg["base_model_name_or_path"], seed=0)[0]
+    model = W.build(cfg["base_model_name_or_path"], seed=0)[0]
     mods = dict(model.named_modules())
     with torch.no_grad():
         for k, A in sd.items():
@@ -55,9 +56,9 @@ def hand_applied(folder):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_a_peft_folder_loads_with_peft_scaling(tmp_path, rslora):
     folder = write_peft(tmp_path / "a", use_rslora=rslora)
-    loaded, _ = M.build(folder)  # --model PEFT_DIR: the base it names, with the adapter
+    loaded, _ = W.build(folder)  # --model PEFT_DIR: the base it names, with the adapter
     torch.testing.assert_close(loaded(IDS), hand_applied(folder)(IDS), atol=2e-5, rtol=0)
-    via_adapter = M.load_lora(M.build("tiny", seed=0)[0], folder)  # --adapter PEFT_DIR
+    via_adapter = W.load_lora(W.build("tiny", seed=0)[0], folder)  # --adapter PEFT_DIR
     torch.testing.assert_close(via_adapter(IDS), loaded(IDS), atol=0, rtol=0)
 
 
@@ -68,7 +69,7 @@ def test_a_peft_folder_over_an_official_format_checkpoint(tmp_path):
     tok.save_pretrained(str(tmp_path / "llada"))
     folder = write_peft(tmp_path / "a", targets=("q_proj", "k_proj", "up_proj"), base_name=str(tmp_path / "llada"))
     ids = IDS.clamp(max=OFFICIAL_TINY_CONFIG["vocab_size"] - 1)
-    torch.testing.assert_close(M.build(folder)[0](ids), hand_applied(folder)(ids), atol=2e-5, rtol=0)
+    torch.testing.assert_close(W.build(folder)[0](ids), hand_applied(folder)(ids), atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("field,value,message", [("use_dora", True, "DoRA"), ("bias", "all", "bias"),
@@ -78,26 +79,26 @@ def test_a_peft_folder_over_an_official_format_checkpoint(tmp_path):
 def test_what_is_not_plain_lora_is_refused_by_name(tmp_path, field, value, message):
     folder = write_peft(tmp_path / "a", **{field: value})
     with pytest.raises(M.UsageError, match=message):
-        M.build(folder)
+        W.build(folder)
 
 
 def test_export_of_stacked_adapters_is_one_exact_peft_adapter(tmp_path):
-    model, tok = M.build("tiny", seed=0)
-    M.load_lora(model, write_peft(tmp_path / "sft", r=4, alpha=8))  # stage 1 (as PEFT saved it)
+    model, tok = W.build("tiny", seed=0)
+    W.load_lora(model, write_peft(tmp_path / "sft", r=4, alpha=8))  # stage 1 (as PEFT saved it)
     M.apply_lora(model, 2, 4.0, targets=("q_proj", "k_proj"), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():  # stage 2 trained: non-zero B
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
     want = model(IDS)
-    M.save_peft(model, str(tmp_path / "out"), "tiny")
+    W.save_peft(model, str(tmp_path / "out"), "tiny")
     cfg = json.load(open(tmp_path / "out" / "adapter_config.json"))
     assert cfg["r"] == 4 + 2 and cfg["lora_alpha"] == 6.0 and cfg["target_modules"] == ["k_proj", "q_proj", "v_proj"]
     keys = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert "base_model.model.model.transformer.blocks.0.q_proj.lora_A.weight" in keys
     assert keys["base_model.model.model.transformer.blocks.0.k_proj.lora_B.weight"].shape[1] == 6
     torch.testing.assert_close(hand_applied(str(tmp_path / "out"))(IDS), want, atol=2e-5, rtol=0)  # PEFT's formula
-    torch.testing.assert_close(M.build(str(tmp_path / "out"))[0](IDS), want, atol=2e-5, rtol=0)  # and reloaded
+    torch.testing.assert_close(W.build(str(tmp_path / "out"))[0](IDS), want, atol=2e-5, rtol=0)  # and reloaded
 
 
 def digits(prompts, completions, **kw):
@@ -116,5 +117,5 @@ def test_rl_starts_from_a_peft_adapter_and_exports_one_peft_adapter_of_the_train
     trained = model(IDS)
     exported = str(tmp_path / "rl" / "final" / "peft")
     assert json.load(open(os.path.join(exported, "adapter_config.json")))["base_model_name_or_path"] == "tiny"
-    torch.testing.assert_close(M.build(exported)[0](IDS), trained, atol=2e-5, rtol=0)
+    torch.testing.assert_close(W.build(exported)[0](IDS), trained, atol=2e-5, rtol=0)
     torch.testing.assert_close(hand_applied(exported)(IDS), trained, atol=2e-5, rtol=0)

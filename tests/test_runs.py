@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import model as M
+import weights as W
 from conftest import ROOT, free_port
 
 SFT = ["--model", "tiny", "--task", "sudoku", "--max-steps", "6", "--eval-every", "3", "--train-n", "16",
@@ -40,7 +41,7 @@ def ok(proc):
 
 
 def weights(path):
-    return M.load_model(str(path)).state_dict()
+    return W.load_model(str(path)).state_dict()
 
 
 def assert_same_bits(a, b):
@@ -188,12 +189,12 @@ def test_truncated_checkpoint_files_are_named(tmp_path):
     weights_file = out / "checkpoint" / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:50])
     with pytest.raises(M.UsageError, match="model.safetensors: not a readable safetensors file"):
-        M.load_model(str(out / "checkpoint"))
+        W.load_model(str(out / "checkpoint"))
 
 
 def test_the_hub_offline_fails_within_seconds(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()
     with pytest.raises(M.UsageError, match=r"(?s)'someone/not-cached'.*--model DIR"):
-        M.resolve_model_dir("someone/not-cached")
+        W.resolve_model_dir("someone/not-cached")
     assert time.time() - t0 < 10

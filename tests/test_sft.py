@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import common
 import model as M
+import weights as W
 import sft
 from conftest import launch
 from data import sft_split
@@ -82,7 +83,7 @@ def test_tokenize_examples_pads_with_eos_and_counts_truncation(tok):
 
 
 def read_weights(path):
-    return M.load_model(path).state_dict()
+    return W.load_model(path).state_dict()
 
 
 def run(args, nproc=1):
@@ -120,12 +121,12 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_lora_sft_exports_the_exact_adapter_by_default_and_an_fp32_merge_on_request(tmp_path):
     run(TINY_SFT + ["--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--out-dir", str(tmp_path / "l")])
-    exact = M.load_model(str(tmp_path / "l" / "final"))
-    assert M.has_lora(exact) and (tmp_path / "l" / "final" / M.ADAPTER_FILE).exists()
+    exact = W.load_model(str(tmp_path / "l" / "final"))
+    assert M.has_lora(exact) and (tmp_path / "l" / "final" / W.ADAPTER_FILE).exists()
     run(TINY_SFT + ["--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--export", "merged",
                     "--out-dir", str(tmp_path / "m")])
-    merged = M.load_model(str(tmp_path / "m" / "final"))
-    assert not M.has_lora(merged) and not (tmp_path / "m" / "final" / M.ADAPTER_FILE).exists()
+    merged = W.load_model(str(tmp_path / "m" / "final"))
+    assert not M.has_lora(merged) and not (tmp_path / "m" / "final" / W.ADAPTER_FILE).exists()
     ids = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(merged(ids), exact(ids), atol=1e-5, rtol=0)
 

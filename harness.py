@@ -1,0 +1,502 @@
+"""
+The run around a training loop, everything that is not the algorithm: the out-dir and what a launch may do with it,
+resumable checkpoints written so that a crash never leaves half a file, the metrics log, the progress bar, when a run
+saves and when it stops, and the final export. sft.py and diffu_grpo.py use it the same way (Run's docstring shows
+how), so neither trainer holds any of this.
+"""
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import model as M
+import weights as W
+from common import Interrupted, barrier, compute_cleanup, is_main, print0
+from config import config_dict
+
+
+# -----------------------------------------------------------------------------
+# 1. The run directory: what a launch may do with OUT_DIR
+
+
+RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "final", "final.old")
+
+
+# Settings that do not change what a run computes: they may differ between a run and its --resume.
+NOT_MATH = {"out_dir", "resume", "overwrite", "halt_after", "time_budget", "save_every", "save_minutes", "log_every",
+            "sample_every", "force", "export", "no_export"}
+
+
+def prepare_run_dir(cfg):
+    """Called before any model or data is loaded. A launch into an OUT_DIR that holds a run must say what to do:
+    --resume continues it (exactly, or not at all: the checkpoint's settings must equal these), --overwrite
+    clears it. Returns nothing; raises a UsageError that says what is there and which flag to pass."""
+    out, ckpt, final = cfg.out_dir, os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "final")
+    if cfg.resume and cfg.overwrite:
+        raise M.UsageError("--resume continues the run in --out-dir and --overwrite deletes it: pass one of them")
+    if is_main():
+        recover(ckpt)
+        recover(final)
+    barrier()
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if held and not (cfg.resume or cfg.overwrite):
+        what = ("a finished run (final/)" if os.path.isdir(final) else
+                f"an unfinished run (checkpoint at step {read_meta(ckpt)['step']})" if os.path.isdir(ckpt) else
+                "a run that stopped before its first checkpoint (metrics.jsonl)")
+        raise M.UsageError(f"{out} holds {what}: pass --resume to continue it, --overwrite to start over, or "
+                           f"another --out-dir")
+    if cfg.overwrite and held and is_main():
+        for f in held:
+            p = os.path.join(out, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        print0(f"--overwrite: removed {', '.join(held)} from {out}")
+    if cfg.resume:
+        _check_resume(cfg, ckpt, final)
+    barrier()
+
+
+def _check_resume(cfg, ckpt, final):
+    """--resume: the checkpoint's settings must equal this launch's (NOT_MATH aside), else stop with the list.
+    metrics.jsonl is cut back to the checkpoint's step, so that every step is logged once."""
+    if os.path.isdir(final):  # the export is the last thing a run writes
+        print0(f"{cfg.out_dir}: the run is finished (final/ is written); nothing to resume")
+        raise SystemExit(0)
+    if not os.path.isdir(ckpt):
+        print0(f"--resume: no checkpoint in {cfg.out_dir} yet; starting from step 0")
+        step = 0
+    else:
+        meta = read_meta(ckpt)
+        was, now = meta.get("args", {}), config_dict(cfg)
+        diff = [f"--{k.replace('_', '-')} {was[k]} (checkpoint) vs {now[k]} (now)" for k in sorted(now)
+                if k in was and k not in NOT_MATH and was[k] != now[k]]
+        if diff:
+            raise M.UsageError(f"--resume: {ckpt} was written with other settings, so resuming would not continue "
+                               f"that run: {'; '.join(diff)}. Relaunch with its settings, or --overwrite")
+        step = meta["step"]
+    log = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if is_main() and os.path.exists(log):
+        keep = []
+        for line in open(log):
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):  # a line cut by a crash mid-write
+                pass
+        with open(log + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log + ".tmp", log)
+
+
+def maybe_resume(args, model, opt, sched):
+    """With --resume and a checkpoint (prepare_run_dir has checked it), restore OUT_DIR/checkpoint into the model
+    and optimizer; returns its meta, or None."""
+    path = os.path.join(args.out_dir, "checkpoint")
+    if not args.resume or not os.path.isdir(path):
+        return None
+    meta = load_checkpoint(path, model, opt, sched)
+    print0(f"resumed from {path} at step {meta['step']}")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# 2. Writing safely: a directory is written aside, flushed, then renamed into place
+
+
+@contextlib.contextmanager
+def atomic_dir(final):
+    """Write a directory (a checkpoint, the export) into FINAL.tmp, flush it to disk, then rename it into place.
+    A crash at any instant leaves a complete FINAL, or (between the two renames) a complete FINAL.old that
+    recover() puts back; never a half-written FINAL. fsync before the rename makes it survive a power cut too."""
+    final = final.rstrip("/")
+    tmp, old = final + ".tmp", final + ".old"
+    recover(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    crash_point("write")  # (tests: a kill with FINAL.tmp written but not yet flushed or renamed)
+    _fsync_tree(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        crash_point("swap")  # (tests: a kill with only FINAL.old and FINAL.tmp on disk)
+    os.replace(tmp, final)
+    _fsync(os.path.dirname(os.path.abspath(final)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path):
+    """Undo the one instant of atomic_dir with no PATH on disk: a complete PATH.old is put back."""
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path):
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+_CRASHES = {}
+
+
+def crash_point(name):
+    """For the crash-safety tests only: with D1_CRASH_AT=NAME:K in the environment, the K-th time the program
+    passes point NAME ('write' or 'swap' inside atomic_dir, 'step' after a step is logged) it kills itself with
+    SIGKILL, as a power cut or the OOM killer would. Without the variable it does nothing."""
+    want = os.environ.get("D1_CRASH_AT")
+    if want and want.split(":")[0] == name:
+        _CRASHES[name] = _CRASHES.get(name, 0) + 1
+        if _CRASHES[name] == int(want.split(":")[1]) and is_main():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -----------------------------------------------------------------------------
+# 3. Checkpoints and the export
+
+
+def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta, extra=None):
+    """A resumable checkpoint, written atomically: the trainable weights (the LoRA adapter alone, or the full
+    model in the official layout), optimizer and scheduler state, meta.json (args, step, metrics) and, if given,
+    extra.pt (other tensors a trainer must restore, e.g. sft.py's best weights for early stopping)."""
+    if not is_main():
+        return
+    with atomic_dir(path) as tmp:
+        if M.has_lora(model):
+            W.save_lora(model, tmp)
+        else:
+            W.save_model(model, tmp, tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(tmp, "trainer_state.pt"))
+        if extra is not None:
+            torch.save(extra, os.path.join(tmp, "extra.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """Restore what save_checkpoint wrote into an already built model/optimizer/scheduler; returns meta. A file
+    that cannot be read is named in the error."""
+    if M.has_lora(model):
+        W.load_lora(model, path)
+    else:
+        sd = {}
+        for shard in W._checkpoint_shards(path):
+            sd.update(W.read_safetensors(os.path.join(path, shard)))
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in sd.items()})
+    state = read_torch(os.path.join(path, "trainer_state.pt"))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return read_meta(path)
+
+
+def read_torch(path):
+    """torch.load of a file this project wrote; a truncated or foreign file is a UsageError that names it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise M.UsageError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is truncated or "
+                           f"not a checkpoint of this project") from None
+
+
+def read_meta(path):
+    """DIR/meta.json as a dict, or a UsageError naming it."""
+    f = os.path.join(path, "meta.json")
+    try:
+        with open(f) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise M.UsageError(f"{f}: cannot be read ({e})") from None
+
+
+def export_model(path, model, tokenizer, meta=None, mode="exact", base=None):
+    """The final model in the official layout. The contract: `--model PATH` loads the policy that was trained.
+    mode 'exact' keeps any LoRA adapter beside the base weights (weights.load_model applies it); 'merged' folds it in
+    fp32 (weights.save_model; refused if the cast would lose more than 1% of the update). A LoRA run also writes
+    PATH/peft/, the whole update as one PEFT LoRA adapter over `base` (weights.save_peft). Prints how much of the
+    update a merge into the base dtype would keep, so the cost of a bf16 merge is never a surprise."""
+    if not is_main():
+        return
+    if M.has_lora(model):
+        base_dtype = next(m.weight.dtype for m in model.modules() if isinstance(m, M.LoRALinear))
+        kept = 100 * M.merge_survival(model, base_dtype)
+        print0(f"export ({mode}): a merge into {base_dtype} would keep {kept:.1f}% "
+               f"of the LoRA update (the exported model keeps 100%)")
+    with atomic_dir(path) as tmp:
+        W.save_model(model, tmp, tokenizer, merge=mode == "merged")
+        if M.has_lora(model):
+            W.save_peft(model, os.path.join(tmp, "peft"), base or M.LLADA_HUB_ID)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**(meta or {}), "export": mode}, f, indent=2, default=str)
+
+
+def base_model_of(name):
+    """The official base model under `name`: an export of this project names the model its run started from (its
+    meta.json), a PEFT folder its base_model_name_or_path; followed back to a hub id, a plain directory or 'tiny'."""
+    for _ in range(16):
+        meta = os.path.join(name, "meta.json")
+        nxt = W.peft_base(name) or (json.load(open(meta)).get("args", {}).get("model")
+                                    if os.path.isfile(meta) else None)
+        if not nxt or nxt == name:
+            return name
+        name = nxt
+    return name
+
+
+def assert_ranks_in_sync(params, world):
+    """Gather a fingerprint of the weights from every rank and fail loudly if any rank differs."""
+    if world == 1:
+        return True
+    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for p in params])
+    fp = fp.flatten().to(params[0].device)
+    gathered = [torch.zeros_like(fp) for _ in range(world)]
+    dist.all_gather(gathered, fp)
+    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError("ranks hold different weights: distributed training is out of sync")
+    return True
+
+
+# -----------------------------------------------------------------------------
+# 4. The metrics log
+
+
+class JsonlLog:
+    """Append one JSON object per line (rank 0 only); opened per write so a crash never loses earlier lines."""
+
+    def __init__(self, path):
+        self.path = path
+        if path and is_main():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, **rec):
+        if self.path and is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": time.time(), **rec}) + "\n")
+
+
+def fmt_metrics(step, metrics):
+    """One log line, fields split by '|'."""
+    parts = [f"step {step}"]
+    for k, v in metrics.items():
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# 5. The run
+
+
+class BestWeights:
+    """--keep-best and --patience: the best validation score so far (lower is better), its step, evaluations since
+    it improved, and (with keep) a CPU copy of the trainable weights of that evaluation. Saved in checkpoints, so it
+    survives --resume."""
+
+    def __init__(self, params, keep, patience, record=None, state=None):
+        self.params, self.keep, self.patience = params, keep, patience
+        self.record = record or {"loss": float("inf"), "step": 0, "bad": 0}
+        self.state = state
+
+    def update(self, step, loss):
+        """Record an evaluation; True when training should stop (--patience evaluations without improvement)."""
+        if loss < self.record["loss"]:
+            self.record = {"loss": loss, "step": step, "bad": 0}
+            self.state = [p.detach().to("cpu", copy=True) for p in self.params] if self.keep else None
+        else:
+            self.record["bad"] += 1
+        return bool(self.patience) and self.record["bad"] >= self.patience
+
+    @torch.no_grad()
+    def restore(self):
+        for p, b in zip(self.params, self.state):
+            p.copy_(b)
+
+
+class Run:
+    """The run around sft.py's and diffu_grpo.py's loops. Its unit is the optimizer step in both trainers;
+    diffu-GRPO advances `stride` = mu steps per rollout batch.
+
+        run = Run(cfg, trainer, tok, total_steps, "sft")
+        for step in run.steps():          # the optimizer step count after this iteration
+            metrics = ...                 # the algorithm
+            if run.end_step(step, metrics):
+                break
+        run.finish()
+
+    After each step, end_step logs it to metrics.jsonl, prints it every --log-every steps (and the last), writes a
+    checkpoint (OUT_DIR/checkpoint, atomic) when one is due (every --save-every steps, every --save-minutes of
+    rank 0's clock, at --halt-after, on a signal), and decides whether the loop ends. A run ends one of five ways:
+      finished      the last step: finish() exports OUT_DIR/final
+      time budget   --time-budget minutes spent (rank 0's clock): exported as if finished
+      early stop    --patience validations without improvement: the kept best weights are exported
+      halted        --halt-after N: a checkpoint and no export; the same command with --resume continues
+      interrupted   SIGINT or SIGTERM (what a cluster scheduler sends before preemption): the step finishes, a
+                    checkpoint is written, and every rank exits with 128 + the signal's number (common.Interrupted)
+    Every rank takes the same decision at the same step (_agree).
+    """
+
+    def __init__(self, cfg, tr, tok, total_steps, desc, stride=1, keep_best=False, patience=0,
+                 score="validation loss", maximize=False):
+        self.cfg, self.tr, self.tok = cfg, tr, tok
+        self.total, self.desc, self.stride = total_steps, desc, stride
+        self.log_every = cfg.log_every or max(1, -(-total_steps // 20))  # about 20 lines a run by default
+        self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
+        meta = maybe_resume(cfg, tr.model, tr.opt, tr.sched)
+        self.start = meta["step"] if meta else 0
+        extra = os.path.join(self.ckpt_dir, "extra.pt")
+        state = read_torch(extra)["best_state"] if meta and os.path.exists(extra) else None
+        self.best = BestWeights(tr.params, keep_best, patience, meta and meta.get("early_stop"), state)
+        self.log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+        self.halted, self.stop_early, self.bar, self.last_step = False, False, None, None
+        self.signal, self.last_save = 0, time.monotonic()
+        self.clock0 = time.monotonic() - (meta.get("train_seconds", 0.0) if meta else 0.0)  # --time-budget's clock
+        self.score, self.sign, self.evaluations = score, -1 if maximize else 1, 0
+
+    def steps(self):
+        """The optimizer step count after each iteration, from the resumed step on; SIGINT and SIGTERM are caught
+        meanwhile (a second one acts at once)."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.bar = tqdm(total=self.total, initial=self.start, disable=not is_main(), desc=self.desc,
+                        dynamic_ncols=True)
+        try:
+            for step in range(self.start + self.stride, self.total + 1, self.stride):
+                yield step
+                self.bar.update(self.stride)
+        finally:
+            self.bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _on_signal(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one is not caught
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint", file=sys.stderr, flush=True)
+
+    def _agree(self, *flags):
+        """The flags of all ranks combined (max), so that every rank saves and stops at the same step."""
+        if not dist.is_initialized():
+            return flags
+        t = torch.tensor(flags, dtype=torch.float64, device=self.tr.params[0].device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(int(v) for v in t.tolist())
+
+    def save(self, step, metrics):
+        best = {"best_state": self.best.state} if self.best.state is not None else None
+        save_checkpoint(self.ckpt_dir, self.tr.model, self.tok, self.tr.opt, self.tr.sched,
+                        {"step": step, "args": config_dict(self.cfg), "early_stop": self.best.record,
+                         "train_seconds": time.monotonic() - self.clock0, **metrics},
+                        extra=best)
+        self.last_save = time.monotonic()
+
+    def every(self, step, n):
+        """True at the first step at or after each multiple of n (n = 0: never): with stride mu, a rollout batch
+        that crosses a multiple of n counts as reaching it."""
+        return bool(n) and step // n > (step - self.stride) // n
+
+    def evaluated(self, step, value):
+        """A validation score for keep-best and early stopping (a tie keeps the earlier step)."""
+        self.evaluations += 1
+        self.stop_early = self.best.update(step, self.sign * value)
+
+    def _decide(self, step):
+        """(signal caught or 0, whether to write a checkpoint now, why the loop ends here or None)."""
+        c = self.cfg
+        halt = c.halt_after is not None and c.halt_after <= step < self.total
+        late = is_main() and c.save_minutes and time.monotonic() - self.last_save >= 60 * c.save_minutes
+        spent = is_main() and c.time_budget and time.monotonic() - self.clock0 >= 60 * c.time_budget
+        signum, late, spent = self._agree(self.signal, late, spent)
+        save = bool(signum or halt or late or self.every(step, c.save_every))
+        why = None
+        if self.stop_early:
+            why = (f"early stop at step {step}: the {self.score} has not improved for {self.best.patience} "
+                   f"evaluations; best {self.sign * self.best.record['loss']:.4f} at step {self.best.record['step']}")
+        elif halt:
+            self.halted = True
+            why = f"halting after step {step} (--halt-after): checkpoint written; continue with --resume"
+        elif spent and step < self.total:
+            why = f"time budget of {c.time_budget:g} minutes spent after step {step} (--time-budget)"
+        return signum, save, why
+
+    def end_step(self, step, metrics, shown=None, lines=()):
+        """Log, print, checkpoint (see the class docstring); True when the loop must stop here. `shown`: the
+        metrics printed (all are logged); `lines`: extra lines to print (decoded samples)."""
+        self.log.write(step=step, **metrics)
+        self.last_step = step
+        crash_point("step")
+        signum, save, why = self._decide(step)
+        if is_main():
+            if self.every(step, self.log_every) or step == self.total or why or signum:
+                self.bar.write(fmt_metrics(step, metrics if shown is None else
+                                           {k: v for k, v in metrics.items() if k in shown}))
+            for line in lines:
+                self.bar.write(line)
+        if save:
+            self.save(step, metrics)
+        if signum:
+            print0(f"interrupted ({signal.Signals(signum).name}) after step {step}: checkpoint written to "
+                   f"{self.ckpt_dir}. Continue with the same command and --resume")
+            compute_cleanup(exit_code=128 + signum)
+            raise Interrupted(signum)
+        if why:
+            print0(why)
+        return why is not None
+
+    def finish(self, metrics=None, meta=None, hints=()):
+        """Restore the kept weights, export OUT_DIR/final (not after a halt), print what to run next (`hints`:
+        (what, command) pairs, {final} standing for the export's path), end the distributed run. Returns the
+        metrics, with best_step and best_eval_loss (or best_eval_accuracy) when weights were kept."""
+        metrics = dict(metrics or {})
+        if self.tr.world > 1:
+            print0(f"ranks in sync: {assert_ranks_in_sync(self.tr.params, self.tr.world)} (weights compared over "
+                   f"{self.tr.world} ranks)")
+        if self.best.state is not None and not self.halted:
+            self.best.restore()
+            best = self.sign * self.best.record["loss"]
+            last = "" if self.best.record["step"] == self.last_step else "; the last step's weights are not exported"
+            print0(f"kept the weights of step {self.best.record['step']}: the best {self.score}, {best:.4f}, of "
+                   f"{self.evaluations} evaluations (a tie keeps the earlier step){last}")
+            key = "best_eval_loss" if self.sign > 0 else "best_eval_accuracy"
+            metrics.update(best_step=self.best.record["step"], **{key: best})
+        if not self.cfg.no_export and not self.halted:
+            path = os.path.join(self.cfg.out_dir, "final")
+            metrics.update(train_seconds=time.monotonic() - self.clock0, last_step=self.last_step)
+            export_model(path, self.tr.model, self.tok, {"args": config_dict(self.cfg), **(meta or {}), **metrics},
+                         self.cfg.export, base=base_model_of(self.cfg.model))
+            how = "base weights + adapter" if M.has_lora(self.tr.model) else "full weights"
+            print0(f"exported the trained model to {path} (official layout, {how}; load it with --model {path})")
+            width = max((len(what) for what, _ in hints), default=0)
+            for what, command in hints:
+                print0(f"  {what:<{width}}  {command.format(final=shlex.quote(path))}")
+        compute_cleanup()
+        return metrics
+
+
+def next_commands(cfg, stage):
+    """What to run after a run of `stage` ('sft' or 'rl'): (what, command) pairs with {final} for the export, for
+    Run.finish to print. A tiny Sudoku run gets the commands of the demo's decoding (eval.py has no presets)."""
+    task = "gsm8k" if cfg.task == "s1k" else cfg.task
+    rl = [("RL from it:", f"python diffu_grpo.py --model {{final}} --task {task}")] if stage == "sft" else []
+    if cfg.preset != "tiny" or task != "sudoku":
+        return rl + [("evaluate it:", f"python eval.py --model {{final}} --task {task}")]
+    blanks = " ".join(map(str, cfg.blanks))
+    return rl + [
+        ("evaluate it:", f"python eval.py --model {{final}} --protocol clean --task sudoku --prompt-style compact "
+                         f"--blanks {blanks} --gen-length 40 --block-length 40 --steps 1 --limit 128"),
+        ("watch it solve:", "python sample.py --model {final} --prompt 'sudoku 2403132442010140' --gen-length 40 "
+                            "--block-length 40 --steps 40 --show")]
