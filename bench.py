@@ -29,7 +29,6 @@ represented) and llada-8b (the full architecture, random init, bf16: for a GPU).
         --lora-targets q_proj,k_proj,v_proj --grad-ckpt            # d1's SFT on s1K, one example per device
 """
 
-import argparse
 import contextlib
 import math
 import platform
@@ -38,8 +37,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import Trainer
-from config import HelpFormatter
+from common import Trainer, cli
+from config import HelpFormatter, Parser
 from rewards import weighted_rewards
 
 import diffu_grpo as D
@@ -330,7 +329,7 @@ def print_plan(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    ap = Parser(description=__doc__.split("\n")[1],
                                  formatter_class=HelpFormatter)
     m = ap.add_argument_group("model (random weights at a named size) and machine")
     m.add_argument("--config", default="cpu-small", choices=sorted(CONFIGS), help="model size")
@@ -399,4 +398,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -4,6 +4,7 @@ that SFT and RL share, the order of the training data, and the command-line entr
 usage error). The recipe's flags are config.py; the run around a training loop is harness.py.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import math
@@ -13,6 +14,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import model as M
 import weights as W
@@ -47,9 +49,7 @@ def compute_cleanup(exit_code=0):
     if dist.is_initialized():
         dist.barrier()
         if EXIT_AFTER_CLEANUP:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exit_code)
+            exit_now(exit_code)
         dist.destroy_process_group()
 
 
@@ -193,13 +193,17 @@ class Trainer:
     world: int = 1
     max_grad_norm: float = 1.0
     autocast: object = dataclasses.field(default_factory=contextlib.nullcontext)
+    skip_nonfinite: bool = False  # --skip-nonfinite: skip a step whose loss or gradient is not finite (counted)
+    skipped: int = 0              # steps skipped so far
+    checkpoint: str = "no checkpoint was written"  # what OUT_DIR/checkpoint holds (harness.Run keeps it current)
 
 
 def make_trainer(model, params, cfg, total_steps, world=1, autocast=None):
     """A Trainer with AdamW (the run's betas and weight decay) and the lr schedule of lr_lambda."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total_steps, cfg.lr_schedule))
-    return Trainer(model, opt, sched, params, world, cfg.max_grad_norm, autocast or contextlib.nullcontext())
+    return Trainer(model, opt, sched, params, world, cfg.max_grad_norm, autocast or contextlib.nullcontext(),
+                   cfg.skip_nonfinite)
 
 
 def lr_lambda(warmup, total, schedule):
@@ -214,15 +218,46 @@ def lr_lambda(warmup, total, schedule):
     return f
 
 
-def optimizer_step(tr):
+def optimizer_step(tr, loss=None):
     """The end of every update, SFT's and RL's: gradients averaged over ranks, clipped to tr.max_grad_norm, one
-    AdamW step, one schedule step. Returns the gradient norm before clipping."""
+    AdamW step, one schedule step. Returns the gradient norm before clipping.
+    A non-finite gradient norm, or a non-finite `loss` (this rank's loss of the step) on any rank, never reaches
+    the weights: the step is skipped on every rank (counted in tr.skipped) with tr.skip_nonfinite, and otherwise
+    the run stops (Diverged) before any weight moves."""
     all_reduce_grads(tr.params, tr.world)
     norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.max_grad_norm).item()
+    bad = [] if math.isfinite(norm) else [f"the gradient norm is {norm}"]
+    loss_bad = loss is not None and not math.isfinite(loss)
+    if tr.world > 1:  # the norm is the same on every rank (all-reduced gradients); the loss is this rank's
+        flag = torch.tensor([float(loss_bad)], device=tr.params[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        loss_bad = bool(flag.item())
+    if loss_bad:
+        bad.insert(0, "the loss is " + (str(loss) if loss is not None and not math.isfinite(loss) else
+                                        "not finite on another rank"))
+    if bad:
+        tr.opt.zero_grad(set_to_none=True)
+        step = tr.sched.last_epoch + 1
+        if not tr.skip_nonfinite:
+            raise Diverged(f"diverged at optimizer step {step}: {' and '.join(bad)}; no weight was updated, nothing "
+                           f"was exported, and {tr.checkpoint}. Lower --lr, or pass --skip-nonfinite to skip such "
+                           f"steps")
+        tr.skipped += 1
+        tr.sched.step()  # the schedule follows the step count, skipped steps included
+        return norm
     tr.opt.step()
     tr.sched.step()
     tr.opt.zero_grad(set_to_none=True)
     return norm
+
+
+def check_finite(model, what):
+    """Refuse (Diverged) to write `what` if any weight of `model` is not finite: no checkpoint or export ever holds
+    one."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise Diverged(f"{name} holds non-finite values: {what} is not written (the weights have diverged; "
+                           f"lower --lr)")
 
 
 # -----------------------------------------------------------------------------
@@ -266,6 +301,11 @@ def seed_for(seed, rank, batch, stream):
 # 5. The entry point of every script
 
 
+class Diverged(Exception):
+    """A run whose loss, gradient or weights went non-finite (optimizer_step, check_finite); common.cli: one line and
+    exit status 3, nothing exported."""
+
+
 class Interrupted(Exception):
     """A run stopped by SIGINT or SIGTERM after writing its checkpoint; common.cli exits with 128 + signum."""
 
@@ -276,23 +316,51 @@ class Interrupted(Exception):
 
 def cli(main):
     """Run a script's main() from the command line. A UsageError (a mistake in what was asked for) is one line on
-    stderr and exit status 2, as argparse's own errors are; an interrupted run exits with 128 + the signal's number
-    and no traceback; any other exception is a program error and keeps its traceback."""
+    stderr and exit status 2, as argparse's own errors are; a diverged run is one line and exit status 3; an
+    interrupted run exits with 128 + the signal's number and no traceback; any other exception is a program error
+    and keeps its traceback. The exit hooks (on_exit: e.g. giving back the out-dir a run claimed) run on every
+    way out."""
     global EXIT_AFTER_CLEANUP
     EXIT_AFTER_CLEANUP = True  # see compute_cleanup
+    prog = os.path.basename(sys.argv[0])
     try:
         main()
-    except M.UsageError as e:
+    except (M.UsageError, Diverged) as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # an open progress bar ends first: the error is a line
+            bar.close()
         if os.environ.get("RANK", "0") == "0":
-            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        os._exit(2)  # no teardown: under torchrun another rank may be waiting in a collective
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        exit_now(2 if isinstance(e, M.UsageError) else 3)  # no teardown: another rank may wait in a collective
     except Interrupted as e:
-        sys.stdout.flush()
-        os._exit(128 + e.signum)
+        exit_now(128 + e.signum)
     except KeyboardInterrupt:  # before the training loop (loading) or after it: nothing to checkpoint
-        print(f"\n{os.path.basename(sys.argv[0])}: interrupted (outside the training loop, nothing to save)",
-              file=sys.stderr, flush=True)
-        os._exit(130)
+        print(f"\n{prog}: interrupted (outside the training loop, nothing to save)", file=sys.stderr, flush=True)
+        exit_now(130)
+    run_exit_hooks()
+
+
+_EXIT_HOOKS = []
+
+
+def on_exit(fn):
+    """Call fn() however the process ends: from cli's exits and compute_cleanup's (os._exit skips atexit), and at
+    interpreter exit (a traceback). fn must be safe to call twice."""
+    if not _EXIT_HOOKS:
+        atexit.register(run_exit_hooks)
+    _EXIT_HOOKS.append(fn)
+
+
+def run_exit_hooks():
+    while _EXIT_HOOKS:
+        _EXIT_HOOKS.pop()()
+
+
+def exit_now(code):
+    """End the process at once (os._exit), after the exit hooks and with the output flushed."""
+    run_exit_hooks()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 _WARNED = set()

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 import model as M
 
@@ -74,6 +75,9 @@ SHARED = {
                     "(diffu-GRPO: rollout batch) at which it has trained this long (rank 0's clock; a resumed run "
                     "counts its earlier time) and exports as at --max-steps; for comparisons at equal time",
                     "run and checkpoints"),
+    "skip_nonfinite": ("skip an optimizer step whose loss or gradient is not finite, and count it "
+                       "(nonfinite_skipped in the log); by default such a step stops the run (exit status 3) before "
+                       "any weight moves, keeping the last checkpoint and exporting nothing", "optimisation"),
     "halt_after": ("stop after this optimizer step as if interrupted (checkpoint, no export); continue with "
                    "--resume", "run and checkpoints", dict(type=int)),
     "export": ("how OUT_DIR/final is written for a LoRA run. exact: base weights + adapter.safetensors, loaded back "
@@ -109,6 +113,7 @@ class TrainerConfig:
     resume: bool = shared("resume", False)
     overwrite: bool = shared("overwrite", False)
     halt_after: int = shared("halt_after", None)
+    skip_nonfinite: bool = shared("skip_nonfinite", False)
     time_budget: float = shared("time_budget", 0.0)
     export: str = shared("export", "exact")
     no_export: bool = shared("no_export", False)
@@ -152,8 +157,8 @@ def build_parser(cls, description, presets):
     """An argparse parser generated from a config dataclass: one flag per field, in GROUPS, each help line ending
     with its default and, where a preset changes it, the preset's value. Flags the user does not give are absent
     from the parsed namespace (SUPPRESS), so parse_config can tell typed values from defaults."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 argument_default=argparse.SUPPRESS, usage="%(prog)s [FLAGS] (every flag: --help)")
+    ap = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                argument_default=argparse.SUPPRESS, usage="%(prog)s [FLAGS] (every flag: --help)")
     groups = {g: ap.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(cls):
         kw, d = dict(f.metadata["kw"]), f.default
@@ -217,6 +222,16 @@ def model_scale(name, preset="auto"):
 
 # -----------------------------------------------------------------------------
 # The scripts that do not train (sample.py, eval.py, bench.py): hand-written parsers, the same model flags
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for every script, with a usage error in one line (`prog: error: what (every flag: --help)`) and
+    exit status 2, printed by rank 0 alone under torchrun."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{self.prog}: error: {message} (every flag: --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -53,13 +53,14 @@ import model as M
 from common import (batch_for, batch_generators, broadcast_params, cli, compute_init, lora_targets, make_trainer,
                     optimizer_step, print0, reduce_metrics, training_setup, warn_once)
 from config import option, parse_config, require, shared
-from harness import Run, next_commands, prepare_run_dir
+from harness import Run, next_commands
+from rundir import prepare_run_dir
 from data import BLANKS, load_task, rl_split, sudoku_kwargs
 from memory import check_rl_memory
 from rewards import REWARDS, weighted_rewards
 from scoring import score
-from sample import (SAMPLING_FLAGS, check_sampling, completion_mask, decode_completions, encode_prompts, generate,
-                    sampling_kwargs)
+from sample import (check_sampling, completion_mask, decode_completions, encode_prompts, generate, sampling_kwargs,
+                    sampling_option)
 
 # -----------------------------------------------------------------------------
 # The one-step log-prob estimator
@@ -264,6 +265,7 @@ def updates(tr, obj, b, masks, old, ref, cfg):
     tr.model.train()
     sums = dict.fromkeys(("loss", "kl", "clipped", "grad_norm"), 0.0)
     for j in range(mu):
+        step_loss = 0.0
         for i in range(0, N, cfg.micro_batch_size):
             sl = slice(i, i + cfg.micro_batch_size)
             with tr.autocast:
@@ -272,10 +274,11 @@ def updates(tr, obj, b, masks, old, ref, cfg):
             old_j = est.detach() if old is None else old[j][sl]  # mu = 1: the ratio is exactly 1
             loss, st = obj.loss(est, old_j, None if ref is None else ref[j][sl], coef[sl], b.cmask[sl], cfg)
             (loss / norm).backward()
+            step_loss += loss.item() / float(norm)
             sums["loss"] += loss.item() / float(norm) / mu
             sums["kl"] += float(st.get("kl", 0.0)) / float(norm) / mu
             sums["clipped"] += float(st.get("clipped", 0.0)) / float(norm) / mu
-        sums["grad_norm"] += optimizer_step(tr) / mu
+        sums["grad_norm"] += optimizer_step(tr, step_loss) / mu
     return sums
 
 
@@ -340,13 +343,14 @@ def train(cfg, presets, obj):
     rank, _, world, device = compute_init(cfg.device)
     prepare_run_dir(cfg)  # refuses to mix two runs in one --out-dir; checks a --resume
     mu, per_rank = cfg.num_iterations, cfg.prompts_per_step
+    ds, val = training_prompts(cfg)  # a bad data file stops here, before the model loads
     # RL starts from the SFT model when --model is an SFT export or --adapter is given (common.make_trainable).
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
     check_rl_memory(cfg, model.cfg, dtype, device, obj.copies(cfg))
     policy = Policy(model, copy.deepcopy(model).eval().requires_grad_(False) if not cfg.lora_r and cfg.beta else None)
     broadcast_params(params, world)
     tr = make_trainer(model, params, cfg, cfg.max_steps, world, autocast)
-    ds, validate = training_prompts(cfg, model, tok, rank, world, device, autocast)
+    validate = val and validation(cfg, model, tok, val, rank, world, device, autocast)
     knobs = ", ".join(f"{k}={getattr(cfg, k)}" for k in obj.knobs)
     print0(f"{obj.name} on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per "
            f"rollout batch x G={cfg.num_generations} | {knobs}, temperature={cfg.temperature} | "
@@ -369,6 +373,8 @@ def train(cfg, presets, obj):
         idx = batch_for(b, per_rank * world, len(ds), cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
         metrics, samples = rl_step(policy, tr, [ds[int(i)] for i in idx], tok, cfg,
                                    batch_generators(cfg.seed, rank, b, device), obj)
+        if cfg.skip_nonfinite:
+            metrics["nonfinite_skipped"] = tr.skipped
         metrics = reduce_metrics({**metrics, "step_time": time.perf_counter() - t0}, world, device)
         if validate and run.every(step, cfg.eval_every):
             metrics.update(validate())
@@ -388,9 +394,9 @@ def train(cfg, presets, obj):
 # Plumbing: validation, seeds, rewards, metrics
 
 
-def training_prompts(cfg, model, tok, rank, world, device, autocast):
-    """(training prompts, validate or None). With --eval-every the validation prompts are held out of training
-    (data.rl_split) and validate() scores the policy on them (see validation)."""
+def training_prompts(cfg):
+    """(training prompts, validation prompts or None), read (and checked) before any model loads. With --eval-every
+    the validation prompts are held out of training (data.rl_split)."""
     seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     if not cfg.eval_every:
         return load_task(cfg.task, "train", cfg.data_path, cfg.prompt_style, n=cfg.train_n, seed=seed,
@@ -398,8 +404,8 @@ def training_prompts(cfg, model, tok, rank, world, device, autocast):
     ds, val = rl_split(cfg.task, cfg.data_path, cfg.prompt_style, cfg.train_n, cfg.eval_n, seed, cfg.blanks)
     where = "puzzles on held-out training grids" if cfg.task == "sudoku" else "the tail of the training split"
     print0(f"validation: {len(val)} prompts ({where}), every {cfg.eval_every} steps at temperature "
-           f"{cfg.eval_temperature}, sharded over {world} rank(s)")
-    return ds, validation(cfg, model, tok, list(val), rank, world, device, autocast)
+           f"{cfg.eval_temperature}")
+    return ds, list(val)
 
 
 def validation(cfg, model, tok, rows, rank, world, device, autocast):
@@ -452,12 +458,6 @@ def rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, eos_id, sched, 
 # and the tiny laptop recipe are in PRESETS below.
 
 
-def sampling_option(name, default):
-    """option() for one of the sampler's flags, described once in sample.SAMPLING_FLAGS."""
-    help, kw = SAMPLING_FLAGS[name]
-    return option(default, help, "sampling (rollouts)", **{k: v for k, v in kw.items() if k != "type"})
-
-
 @dataclass(frozen=True)
 class GRPOConfig(config.TrainerConfig):
     # Inherited from config.TrainerConfig, the same in both trainers: model, preset, adapter, dtype, device,
@@ -480,7 +480,7 @@ class GRPOConfig(config.TrainerConfig):
     temperature: float = sampling_option("temperature", 0.3)
     cfg_scale: float = sampling_option("cfg_scale", 0.0)
     remasking: str = sampling_option("remasking", "low_confidence")
-    threshold: float = option(None, SAMPLING_FLAGS["threshold"][0], "sampling (rollouts)", type=float)
+    threshold: float = sampling_option("threshold", None)
     prefix_cache: bool = sampling_option("prefix_cache", False)
 
     num_generations: int = option(6, "G: completions per prompt (one group)", "d1's algorithm")

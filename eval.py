@@ -29,11 +29,11 @@ and `input_text`, the exact text the tokenizer encoded) and summary.md; run.json
 with other settings into the same --out-dir is refused rather than silently mixed.
 """
 
-import argparse
 import glob
 import json
 import os
 import re
+import sys
 import time
 from collections import defaultdict
 
@@ -41,11 +41,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import model as M
 from common import cli, compute_cleanup, compute_init, print0, setup_model
-from config import HelpFormatter, add_model_args
+from config import HelpFormatter, Parser, add_model_args
 from data import EVAL_PREFILL, TASKS, add_sudoku_args, load_task, sudoku_kwargs
 from data.d1_eval import PREFILL as D1_PREFILL, load_d1_eval
-from sample import add_sampling_args, completion_mask, decode_completions, generate, pad_left, render_prompts
+from rundir import check_out_dir
+from sample import (add_sampling_args, check_sampling, completion_mask, decode_completions, generate, pad_left,
+                    render_prompts)
 from scoring import score, sudoku_puzzle_of
 
 SCORINGS = ("d1", "ours")
@@ -139,10 +142,22 @@ def read_generation_file(path, task=None):
 
 
 def rescore(paths, task=None, scoring="d1"):
-    """Re-score saved generations without a model; several per-rank files of one setup form one row."""
+    """Re-score saved generations without a model; several per-rank files of one setup form one row. A file that
+    is missing or not a generations file is a usage error that names it."""
     records = []
     for p in paths:
-        for r in read_generation_file(p, task):
+        try:
+            recs = read_generation_file(p, task)
+            recs = [{**r, "task": r["task"], "generation": r["generation"], "ground_truth": r["ground_truth"]}
+                    for r in recs]
+        except OSError as e:
+            raise M.UsageError(f"--rescore {p}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
+            raise M.UsageError(f"--rescore {p}: not a generations file of eval.py or d1's evaluation "
+                               f"({type(e).__name__}: {str(e)[:120]})") from None
+        if not recs:
+            raise M.UsageError(f"--rescore {p}: no generations in it")
+        for r in recs:
             records.append({**r, "scores": score_generation(r["task"], r["generation"], r["ground_truth"],
                                                             r.get("question", ""))})
     return summarize(records, scoring)
@@ -180,9 +195,9 @@ def decode_for_scoring(tok, completion, eos_id, protocol):
     return decode_completions(tok, completion, eos_id)
 
 
-def evaluate(model, tok, device, task, L, args, rank, world, out_dir):
-    """Generate and score this rank's share of one (task, gen_length) setup, appending to its JSONL file."""
-    rows = test_rows(task, args)
+def evaluate(model, tok, device, task, rows, L, args, rank, world, out_dir):
+    """Generate and score this rank's share of one (task, gen_length) setup (its test rows), appending to its JSONL
+    file."""
     path = os.path.join(out_dir, f"generations.rank{rank}.jsonl")
     done = {(r["task"], r["gen_length"], r["idx"]) for p in glob.glob(os.path.join(out_dir, "generations*.jsonl"))
             for r in read_generation_file(p)}
@@ -256,8 +271,8 @@ def check_run_config(args, rank):
             old = json.load(f)
         diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
         if diff:
-            raise SystemExit(f"{args.out_dir} holds generations from other settings ({diff}, as (there, now)); "
-                             "a rerun there would reuse them. Pass a new --out-dir, or delete that one.")
+            raise M.UsageError(f"{args.out_dir} holds generations from other settings ({diff}, as (there, now)); "
+                               "a rerun there would reuse them. Pass a new --out-dir, or delete that one")
     if dist.is_initialized():
         dist.barrier()
     if not existed and rank == 0:
@@ -270,11 +285,11 @@ def check_run_config(args, rank):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         description="d1 evaluation: generate, score, summarise; or --rescore saved files. The default protocol is "
                     "d1's own (its test items, prompts, decoding and parser), because the point of evaluating a d1 "
                     "model is to compare with the paper's table; --protocol clean is the leak-free setup.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter, allow_abbrev=False)  # whole flag names: the export's settings see what was typed
     add_model_args(ap)
     w = ap.add_argument_group("what to evaluate")
     w.add_argument("--protocol", default="d1", choices=["d1", "clean"],
@@ -306,14 +321,57 @@ def get_args(argv=None):
     r.add_argument("--rescore", nargs="+", default=None, metavar="FILE",
                    help="re-score saved generations (our .jsonl or d1's .json) and exit; no model. Prints d1's "
                         "accuracy (two decimals) and ours beside it")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    typed = {a.dest for a in ap._actions for s in a.option_strings if any(t.split("=")[0] == s for t in argv)}
+    if not args.rescore:
+        export_settings(args, typed)
     if args.protocol == "d1" and args.prompt_style != "d1":
         ap.error("--prompt-style compact needs --protocol clean (the d1 protocol uses d1's evaluation prompts)")
     args.scoring = args.scoring or ("d1" if args.protocol == "d1" else "ours")
     bare = [p for p in args.data_path or [] if "=" not in p]
     if bare and (args.task == "all" or len(args.data_path) > 1):
         ap.error(f"--data-path {bare[0]}: with --task all or several paths, name the task: gsm8k={bare[0]}")
+    for L in args.gen_length:
+        try:
+            check_sampling(L, min(args.block_length, L), args.steps or L // 2, args.temperature, args.cfg_scale,
+                           args.remasking, args.threshold)
+        except ValueError as e:
+            ap.error(str(e))
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        ap.error("--limit and --batch-size must be >= 1")
     return args
+
+
+# The tiny recipe's evaluation (runs/tiny_sudoku.sh): its generated test set, compact prompts, and the one-step
+# decoding of its 40-token answer region. An export of a tiny run is evaluated so unless flags say otherwise.
+TINY_EVAL = dict(protocol="clean", prompt_style="compact", gen_length=[40], block_length=40, steps=1, batch_size=64)
+
+
+def export_settings(args, typed):
+    """--model is an export of a tiny run (its meta.json says so): the flags not typed take the export's own
+    settings (task, blanks, prompt style, its canvas and decoding), so that it is not scored on d1's 8B protocol,
+    which it cannot read. Says what it took."""
+    meta = os.path.join(args.model, "meta.json")
+    if not os.path.isfile(meta):
+        return
+    with open(meta) as f:
+        run = json.load(f).get("args", {})
+    if run.get("preset") != "tiny":
+        return
+    own = {**TINY_EVAL, "blanks": run.get("blanks")}
+    if run.get("task") in EVAL_TASKS:
+        own["task"] = run["task"]
+    if "gen_length" in run:  # an RL export decodes as it rolled out
+        own.update(gen_length=[run["gen_length"]], block_length=run["block_length"], steps=run["steps"])
+    took = {k: v for k, v in own.items() if k not in typed and v is not None and getattr(args, k) != v}
+    if not took:
+        return
+    for k, v in took.items():
+        setattr(args, k, v)
+    shown = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in took.items())
+    print0(f"{args.model} is an export of a tiny run: evaluating with its own settings ({shown}); flags you type win")
 
 
 def main(argv=None):
@@ -322,13 +380,17 @@ def main(argv=None):
         summary = rescore(args.rescore, None if args.task == "all" else args.task, args.scoring)
         print(markdown_table(summary))
         return summary
+    check_out_dir(args.out_dir)
+    tasks = EVAL_TASKS if args.task == "all" else [args.task]
+    rows = {task: test_rows(task, args) for task in tasks}  # a bad data file stops here, before the model loads
     rank, local_rank, world, device = compute_init(args.device)
     check_run_config(args, rank)
     model, tok, device = setup_model(args, local_rank)
     with torch.no_grad():
-        for task in EVAL_TASKS if args.task == "all" else [args.task]:
+        announce(model, tok, device, rows, args, world)
+        for task in tasks:
             for L in args.gen_length:
-                evaluate(model, tok, device, task, L, args, rank, world, args.out_dir)
+                evaluate(model, tok, device, task, rows[task], L, args, rank, world, args.out_dir)
     if world > 1:
         dist.barrier()
     summary = merge(args.out_dir, args.scoring) if rank == 0 else None
@@ -338,6 +400,29 @@ def main(argv=None):
                f"{os.path.join(args.out_dir, 'summary.md')}")
     compute_cleanup()
     return summary
+
+
+def announce(model, tok, device, rows, args, world):
+    """Before the first generation: how much work this is (items x lengths, generate calls, forward passes) and an
+    estimate of its time from one forward pass of the largest batch, timed here; a long one says how to shorten it."""
+    items = sum(len(r) for r in rows.values())
+    calls = sum(-(-len(r) // (args.batch_size * world)) for r in rows.values()) * len(args.gen_length)
+    passes = sum(-(-len(r) // (args.batch_size * world)) * (args.steps or L // 2) for r in rows.values()
+                 for L in args.gen_length)
+    P, L = 64, max(args.gen_length)
+    x = torch.full((min(args.batch_size, max(len(r) for r in rows.values())), P + L), tok.pad_token_id,
+                   device=device)
+    t0 = time.perf_counter()
+    model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    minutes = passes * (time.perf_counter() - t0) / 60
+    print0(f"evaluating {items} items x {len(args.gen_length)} generation length(s) {args.gen_length} in batches of "
+           f"{args.batch_size} per rank on {world} rank(s): {calls} generate calls, up to {passes:,} forward passes "
+           f"per rank, about {minutes:.1f} minutes (from one timed forward pass; the exact sampler)")
+    if minutes > 10:
+        print0("note: that is long; --limit N, fewer --gen-length values, a larger --batch-size, or the fast sampler "
+               "(--threshold 0.9 --prefix-cache) make it shorter")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,13 @@
 """
-The run around a training loop, everything that is not the algorithm: the out-dir and what a launch may do with it,
-resumable checkpoints written so that a crash never leaves half a file, the metrics log, the progress bar, when a run
-saves and when it stops, and the final export. sft.py and diffu_grpo.py use it the same way (Run's docstring shows
-how), so neither trainer holds any of this.
+The run around a training loop, everything that is not the algorithm: resume, resumable checkpoints, the metrics
+log, the progress bar and the console, when a run saves and when it stops, and the final export. sft.py and
+diffu_grpo.py use it the same way (Run's docstring shows how), so neither trainer holds any of this. The out-dir it
+writes into (claimed for one live run, written atomically) is rundir.py.
 """
 
-import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -20,80 +18,13 @@ from tqdm import tqdm
 
 import model as M
 import weights as W
-from common import Interrupted, barrier, compute_cleanup, is_main, print0
+from common import Interrupted, barrier, check_finite, compute_cleanup, is_main, print0
 from config import config_dict
+from rundir import atomic_dir, command_line, crash_point, read_meta, release_out_dir
 
 
 # -----------------------------------------------------------------------------
-# 1. The run directory: what a launch may do with OUT_DIR
-
-
-RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "final", "final.old")
-
-
-# Settings that do not change what a run computes: they may differ between a run and its --resume.
-NOT_MATH = {"out_dir", "resume", "overwrite", "halt_after", "time_budget", "save_every", "save_minutes", "log_every",
-            "sample_every", "force", "export", "no_export"}
-
-
-def prepare_run_dir(cfg):
-    """Called before any model or data is loaded. A launch into an OUT_DIR that holds a run must say what to do:
-    --resume continues it (exactly, or not at all: the checkpoint's settings must equal these), --overwrite
-    clears it. Returns nothing; raises a UsageError that says what is there and which flag to pass."""
-    out, ckpt, final = cfg.out_dir, os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "final")
-    if cfg.resume and cfg.overwrite:
-        raise M.UsageError("--resume continues the run in --out-dir and --overwrite deletes it: pass one of them")
-    if is_main():
-        recover(ckpt)
-        recover(final)
-    barrier()
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if held and not (cfg.resume or cfg.overwrite):
-        what = ("a finished run (final/)" if os.path.isdir(final) else
-                f"an unfinished run (checkpoint at step {read_meta(ckpt)['step']})" if os.path.isdir(ckpt) else
-                "a run that stopped before its first checkpoint (metrics.jsonl)")
-        raise M.UsageError(f"{out} holds {what}: pass --resume to continue it, --overwrite to start over, or "
-                           f"another --out-dir")
-    if cfg.overwrite and held and is_main():
-        for f in held:
-            p = os.path.join(out, f)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-        print0(f"--overwrite: removed {', '.join(held)} from {out}")
-    if cfg.resume:
-        _check_resume(cfg, ckpt, final)
-    barrier()
-
-
-def _check_resume(cfg, ckpt, final):
-    """--resume: the checkpoint's settings must equal this launch's (NOT_MATH aside), else stop with the list.
-    metrics.jsonl is cut back to the checkpoint's step, so that every step is logged once."""
-    if os.path.isdir(final):  # the export is the last thing a run writes
-        print0(f"{cfg.out_dir}: the run is finished (final/ is written); nothing to resume")
-        raise SystemExit(0)
-    if not os.path.isdir(ckpt):
-        print0(f"--resume: no checkpoint in {cfg.out_dir} yet; starting from step 0")
-        step = 0
-    else:
-        meta = read_meta(ckpt)
-        was, now = meta.get("args", {}), config_dict(cfg)
-        diff = [f"--{k.replace('_', '-')} {was[k]} (checkpoint) vs {now[k]} (now)" for k in sorted(now)
-                if k in was and k not in NOT_MATH and was[k] != now[k]]
-        if diff:
-            raise M.UsageError(f"--resume: {ckpt} was written with other settings, so resuming would not continue "
-                               f"that run: {'; '.join(diff)}. Relaunch with its settings, or --overwrite")
-        step = meta["step"]
-    log = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if is_main() and os.path.exists(log):
-        keep = []
-        for line in open(log):
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):  # a line cut by a crash mid-write
-                pass
-        with open(log + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(log + ".tmp", log)
+# 1. Resume, checkpoints and the export
 
 
 def maybe_resume(args, model, opt, sched):
@@ -107,75 +38,12 @@ def maybe_resume(args, model, opt, sched):
     return meta
 
 
-# -----------------------------------------------------------------------------
-# 2. Writing safely: a directory is written aside, flushed, then renamed into place
-
-
-@contextlib.contextmanager
-def atomic_dir(final):
-    """Write a directory (a checkpoint, the export) into FINAL.tmp, flush it to disk, then rename it into place.
-    A crash at any instant leaves a complete FINAL, or (between the two renames) a complete FINAL.old that
-    recover() puts back; never a half-written FINAL. fsync before the rename makes it survive a power cut too."""
-    final = final.rstrip("/")
-    tmp, old = final + ".tmp", final + ".old"
-    recover(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    yield tmp
-    crash_point("write")  # (tests: a kill with FINAL.tmp written but not yet flushed or renamed)
-    _fsync_tree(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        crash_point("swap")  # (tests: a kill with only FINAL.old and FINAL.tmp on disk)
-    os.replace(tmp, final)
-    _fsync(os.path.dirname(os.path.abspath(final)))
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(path):
-    """Undo the one instant of atomic_dir with no PATH on disk: a complete PATH.old is put back."""
-    if not os.path.exists(path) and os.path.isdir(path + ".old"):
-        os.replace(path + ".old", path)
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path):
-    for root, _, files in os.walk(path):
-        for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
-
-
-_CRASHES = {}
-
-
-def crash_point(name):
-    """For the crash-safety tests only: with D1_CRASH_AT=NAME:K in the environment, the K-th time the program
-    passes point NAME ('write' or 'swap' inside atomic_dir, 'step' after a step is logged) it kills itself with
-    SIGKILL, as a power cut or the OOM killer would. Without the variable it does nothing."""
-    want = os.environ.get("D1_CRASH_AT")
-    if want and want.split(":")[0] == name:
-        _CRASHES[name] = _CRASHES.get(name, 0) + 1
-        if _CRASHES[name] == int(want.split(":")[1]) and is_main():
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-# -----------------------------------------------------------------------------
-# 3. Checkpoints and the export
-
-
 def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta, extra=None):
     """A resumable checkpoint, written atomically: the trainable weights (the LoRA adapter alone, or the full
     model in the official layout), optimizer and scheduler state, meta.json (args, step, metrics) and, if given,
-    extra.pt (other tensors a trainer must restore, e.g. sft.py's best weights for early stopping)."""
+    extra.pt (other tensors a trainer must restore, e.g. sft.py's best weights for early stopping). Weights that
+    are not finite are never written (common.Diverged), on every rank alike."""
+    check_finite(model, f"the checkpoint {path}")
     if not is_main():
         return
     with atomic_dir(path) as tmp:
@@ -216,24 +84,19 @@ def read_torch(path):
                            f"not a checkpoint of this project") from None
 
 
-def read_meta(path):
-    """DIR/meta.json as a dict, or a UsageError naming it."""
-    f = os.path.join(path, "meta.json")
-    try:
-        with open(f) as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise M.UsageError(f"{f}: cannot be read ({e})") from None
-
-
 def export_model(path, model, tokenizer, meta=None, mode="exact", base=None):
     """The final model in the official layout. The contract: `--model PATH` loads the policy that was trained.
     mode 'exact' keeps any LoRA adapter beside the base weights (weights.load_model applies it); 'merged' folds it in
     fp32 (weights.save_model; refused if the cast would lose more than 1% of the update). A LoRA run also writes
     PATH/peft/, the whole update as one PEFT LoRA adapter over `base` (weights.save_peft). Prints how much of the
-    update a merge into the base dtype would keep, so the cost of a bf16 merge is never a surprise."""
+    update a merge into the base dtype would keep, so the cost of a bf16 merge is never a surprise. Weights that
+    are not finite are never exported (common.Diverged)."""
+    check_finite(model, f"the export {path}")
     if not is_main():
         return
+    if mode == "merged" and not M.has_lora(model):
+        print0("--export merged: this run trained every weight (no LoRA adapter), so there is nothing to merge; the "
+               "weights are written as they are")
     if M.has_lora(model):
         base_dtype = next(m.weight.dtype for m in model.modules() if isinstance(m, M.LoRALinear))
         kept = 100 * M.merge_survival(model, base_dtype)
@@ -248,12 +111,18 @@ def export_model(path, model, tokenizer, meta=None, mode="exact", base=None):
 
 
 def base_model_of(name):
-    """The official base model under `name`: an export of this project names the model its run started from (its
-    meta.json), a PEFT folder its base_model_name_or_path; followed back to a hub id, a plain directory or 'tiny'."""
+    """The model a LoRA run's PEFT adapter applies to, from the run's --model. A hub id, a plain directory or 'tiny'
+    is itself; so is an export that holds its own full weights (full fine-tuning, or merged). A PEFT folder names its
+    base, and an exact LoRA export (base weights + adapter.safetensors) stacks its adapter into the new one, so the
+    base is the model its run started from (its meta.json): both are followed back."""
     for _ in range(16):
-        meta = os.path.join(name, "meta.json")
-        nxt = W.peft_base(name) or (json.load(open(meta)).get("args", {}).get("model")
-                                    if os.path.isfile(meta) else None)
+        nxt = W.peft_base(name)
+        if nxt is None:
+            meta = os.path.join(name, "meta.json")
+            if not (os.path.isfile(meta) and os.path.exists(os.path.join(name, W.ADAPTER_FILE))):
+                return name
+            with open(meta) as f:
+                nxt = json.load(f).get("args", {}).get("model")
         if not nxt or nxt == name:
             return name
         name = nxt
@@ -274,7 +143,7 @@ def assert_ranks_in_sync(params, world):
 
 
 # -----------------------------------------------------------------------------
-# 4. The metrics log
+# 2. The metrics log
 
 
 class JsonlLog:
@@ -300,7 +169,7 @@ def fmt_metrics(step, metrics):
 
 
 # -----------------------------------------------------------------------------
-# 5. The run
+# 3. The run
 
 
 class BestWeights:
@@ -362,6 +231,8 @@ class Run:
         extra = os.path.join(self.ckpt_dir, "extra.pt")
         state = read_torch(extra)["best_state"] if meta and os.path.exists(extra) else None
         self.best = BestWeights(tr.params, keep_best, patience, meta and meta.get("early_stop"), state)
+        if meta:
+            tr.checkpoint = f"the last checkpoint (step {meta['step']}) is kept in {self.ckpt_dir}"
         self.log = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
         self.halted, self.stop_early, self.bar, self.last_step = False, False, None, None
         self.signal, self.last_save = 0, time.monotonic()
@@ -400,9 +271,10 @@ class Run:
         best = {"best_state": self.best.state} if self.best.state is not None else None
         save_checkpoint(self.ckpt_dir, self.tr.model, self.tok, self.tr.opt, self.tr.sched,
                         {"step": step, "args": config_dict(self.cfg), "early_stop": self.best.record,
-                         "train_seconds": time.monotonic() - self.clock0, **metrics},
+                         "train_seconds": time.monotonic() - self.clock0, "command": command_line(), **metrics},
                         extra=best)
         self.last_save = time.monotonic()
+        self.tr.checkpoint = f"the last checkpoint (step {step}) is kept in {self.ckpt_dir}"
 
     def every(self, step, n):
         """True at the first step at or after each multiple of n (n = 0: never): with stride mu, a rollout batch
@@ -451,6 +323,7 @@ class Run:
         if signum:
             print0(f"interrupted ({signal.Signals(signum).name}) after step {step}: checkpoint written to "
                    f"{self.ckpt_dir}. Continue with the same command and --resume")
+            release_out_dir()
             compute_cleanup(exit_code=128 + signum)
             raise Interrupted(signum)
         if why:
@@ -483,6 +356,8 @@ class Run:
             width = max((len(what) for what, _ in hints), default=0)
             for what, command in hints:
                 print0(f"  {what:<{width}}  {command.format(final=shlex.quote(path))}")
+        barrier()  # every rank is done with OUT_DIR before it is given back
+        release_out_dir()
         compute_cleanup()
         return metrics
 

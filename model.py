@@ -472,4 +472,4 @@ if __name__ == "__main__":
     logits = model(ids)
     print(f"tiny: {model.num_params():,} parameters | config {model.cfg}")
     print(f"prompt {text!r} -> {ids.shape[1]} tokens -> logits {tuple(logits.shape)} {logits.dtype}")
-    print("a real checkpoint: python weights.py --model DIR_OR_HUB_ID")
+    print("a real checkpoint: python sample.py --model DIR_OR_HUB_ID (weights.py loads it)")

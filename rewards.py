@@ -15,9 +15,10 @@ Evaluation scoring (d1's parser and ours) lives in scoring.py and reuses the ext
     python rewards.py --task gsm8k --answer 72 --completion "<reasoning>...</reasoning><answer>72</answer>"
 """
 
-import argparse
 import math
 import re
+
+from config import Parser
 
 MAX_CHARS = 20_000  # completions are at most a few thousand characters; longer inputs are cut (keeps regexes O(1))
 
@@ -416,7 +417,7 @@ COLUMNS = {"gsm8k": ["answer"], "math": ["answer"], "countdown": ["nums", "targe
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Score one completion with the rewards diffu-GRPO trains on: each "
+    ap = Parser(description="Score one completion with the rewards diffu-GRPO trains on: each "
                                  "reward function of the task, and the weighted sum (the training reward).")
     g = ap.add_argument_group("what to score")
     g.add_argument("--task", required=True, choices=sorted(REWARDS), help="the task, whose d1 rewards are used")

@@ -25,7 +25,6 @@ reuses the keys/values of everything before the current block (prefix KV cache).
     python sample.py --model GSAI-ML/LLaDA-8B-Instruct --prompt "..." --gen-length 256 --steps 128 --device cuda
 """
 
-import argparse
 import math
 import sys
 import time
@@ -34,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import setup_model
-from config import HelpFormatter, add_model_args
+from common import cli, setup_model
+from config import HelpFormatter, Parser, add_model_args, option
 
 
 @dataclass
@@ -359,6 +358,13 @@ SAMPLING_FLAGS = {
 }
 
 
+def sampling_option(name, default):
+    """A config field (config.option) for one of the sampler's flags: diffu_grpo.py's rollout settings."""
+    help, kw = SAMPLING_FLAGS[name]
+    kw = {k: v for k, v in kw.items() if k != "type" or default is None}  # a None default needs its type
+    return option(default, help, "sampling (rollouts)", **kw)
+
+
 def add_sampling_args(ap, gen_length=128, block_length=32, steps=64, temperature=0.0, several_lengths=False):
     """The sampler's flags for sample.py and eval.py (eval.py takes several generation lengths), in one group."""
     g = ap.add_argument_group("sampling")
@@ -385,8 +391,9 @@ def sampling_kwargs(args):
                 threshold=args.threshold, prefix_cache=args.prefix_cache)
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=HelpFormatter)
+def main(argv=None):
+    """python sample.py: sample completions of a few prompts from any model, optionally watching the canvas."""
+    ap = Parser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=HelpFormatter)
     add_model_args(ap)
     g = ap.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=None,
@@ -399,9 +406,14 @@ if __name__ == "__main__":
     w.add_argument("--show-every", type=int, default=1, metavar="K", help="with --show, every K-th step (and the last)")
     w.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                    help="highlight with ANSI colours (auto: when stdout is a terminal)")
-    args = ap.parse_args()
-    check_sampling(args.gen_length, args.block_length, args.steps, args.temperature, args.cfg_scale,
-                   args.remasking, args.threshold)
+    args = ap.parse_args(argv)
+    try:
+        check_sampling(args.gen_length, args.block_length, args.steps, args.temperature, args.cfg_scale,
+                       args.remasking, args.threshold)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.show_every < 1:
+        ap.error(f"--show-every must be >= 1, not {args.show_every}")
     model, tok, device = setup_model(args)
     prompts = args.prompt or ["What is 2+2?", "Write the digits 1 to 4."]
     ids, mask, _ = encode_prompts(tok, prompts, device)
@@ -419,3 +431,7 @@ if __name__ == "__main__":
         print(f"### {p}\n{text}\n")
     print(f"{ids.shape[0]} x {args.gen_length} tokens in {dt:.2f}s ({ids.shape[0] * args.gen_length / dt:.1f} tok/s) | "
           f"{out.forward_passes} forward passes ({out.full_passes} full-canvas) | {out.query_tokens} query tokens")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -48,7 +48,8 @@ from common import (batch_for, broadcast_params, cli, compute_init, lora_targets
                     print0, training_setup)
 from config import option, parse_config, require, shared
 from data import BLANKS, sft_split
-from harness import Run, next_commands, prepare_run_dir
+from harness import Run, next_commands
+from rundir import prepare_run_dir
 from memory import Setting, check_fits
 
 # -----------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def train_step(tr, ids, starts, t, u, micro_batch, eps, norm):
             loss = sft_loss(tr.model, ids[sl], starts[sl], tr.model.cfg.mask_token_id, t[sl], u[sl], eps, norm)
         (loss / accum).backward()
         loss_sum += loss.item() / accum
-    grad_norm = optimizer_step(tr)
+    grad_norm = optimizer_step(tr, loss_sum)
     return {"loss": loss_sum, "grad_norm": grad_norm, "lr": tr.sched.get_last_lr()[0]}
 
 
@@ -166,12 +167,13 @@ def main(argv=None):
     rank, _, world, device = compute_init(cfg.device)
     prepare_run_dir(cfg)  # refuses to mix two runs in one --out-dir; checks a --resume
     batch_size, per_rank = batch_sizes(cfg, world)
+    rows, held = training_rows(cfg)  # a bad data file stops here, before the model loads
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
     check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size, prompt_len=0, completion_len=cfg.max_length,
                        dtype=dtype, lora_r=cfg.lora_r, lora_targets=lora_targets(cfg.lora_targets),
                        grad_ckpt=cfg.grad_ckpt), device, cfg.force)
     broadcast_params(params, world)
-    (ids, plens), (val_ids, val_plens) = tokenized_split(cfg, tok, model.cfg.eos_token_id)
+    (ids, plens), (val_ids, val_plens) = tokenized(cfg, tok, rows, held, model.cfg.eos_token_id)
     N, T = ids.shape
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * N / batch_size)
     print0(f"masked SFT on {cfg.task} (preset {'+'.join(presets) or 'd1'}): {N} training examples, {len(val_ids)} "
@@ -198,6 +200,8 @@ def main(argv=None):
         metrics = train_step(tr, ids[idx].to(device), starts.to(device), t.to(device), u.to(device),
                              cfg.micro_batch_size, cfg.eps, cfg.loss_norm)
         metrics["step_time"] = time.perf_counter() - t0
+        if cfg.skip_nonfinite:
+            metrics["nonfinite_skipped"] = tr.skipped
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
             metrics["eval_loss"] = validate()
             run.evaluated(step, metrics["eval_loss"])
@@ -215,10 +219,11 @@ def tokenize_examples(tokenizer, rows, max_length, eos_id):
     plus the number of examples whose answer was truncated. An example whose prompt alone fills the canvas is
     dropped (counted as truncated). Each sequence: chat-templated prompt + answer + <|eot_id|>, then EOS up to
     the end of the canvas."""
-    seqs, plens, truncated = [], [], 0
+    seqs, plens, truncated, prompts = [], [], 0, []
     for r in rows:
         p = tokenizer(tokenizer.apply_chat_template(r["prompt"], tokenize=False),
                       add_special_tokens=False)["input_ids"]
+        prompts.append(p)
         a = tokenizer(r["completion"] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
         if len(p) + len(a) > max_length:
             truncated += 1
@@ -228,7 +233,9 @@ def tokenize_examples(tokenizer, rows, max_length, eos_id):
         seqs.append(p + a + [eos_id] * (max_length - len(p) - len(a)))
         plens.append(len(p))
     if not seqs:
-        raise ValueError(f"every example's prompt is longer than --max-length {max_length}")
+        raise M.UsageError(f"the prompt of every one of the {len(rows)} examples fills --max-length {max_length} "
+                           f"tokens (the shortest is {min(len(p) for p in prompts)}): nothing of an answer fits; "
+                           f"raise --max-length")
     return torch.tensor(seqs), torch.tensor(plens), truncated
 
 
@@ -241,10 +248,14 @@ def batch_sizes(cfg, world):
     return batch_size, batch_size // world
 
 
-def tokenized_split(cfg, tok, eos_id):
-    """((ids, prompt lens), (validation ids, prompt lens)) of the config's task, truncation reported."""
-    rows, held = sft_split(cfg.task, cfg.data_path, cfg.prompt_style, cfg.train_n, cfg.eval_n, cfg.eval_frac,
-                           cfg.seed, cfg.blanks, cfg.sudoku_answers)
+def training_rows(cfg):
+    """(training rows, validation rows) of the config's task: read (and checked) before any model loads."""
+    return sft_split(cfg.task, cfg.data_path, cfg.prompt_style, cfg.train_n, cfg.eval_n, cfg.eval_frac, cfg.seed,
+                     cfg.blanks, cfg.sudoku_answers)
+
+
+def tokenized(cfg, tok, rows, held, eos_id):
+    """((ids, prompt lens), (validation ids, prompt lens)), truncation reported."""
     ids, plens, n_trunc = tokenize_examples(tok, rows, cfg.max_length, eos_id)
     val_ids, val_plens, _ = tokenize_examples(tok, held, cfg.max_length, eos_id)
     if n_trunc:

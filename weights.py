@@ -2,8 +2,7 @@
 The official checkpoint layout on disk, both ways: LLaDA's config.json + sharded safetensors (+ index), LoRA adapters
 beside the base weights, PEFT's adapter format, the tokenizer, and the hub.
 
-    python weights.py --model GSAI-ML/LLaDA-8B-Instruct --dtype bfloat16 --device cuda   # load, one forward pass
-    python weights.py --model out/grpo/final                                               # any export of a run
+    model, tok = build("GSAI-ML/LLaDA-8B-Instruct", torch.bfloat16, "cuda")    # or "tiny", a directory, an export
 
   1. load_model / save_model - one shard at a time; keys checked strictly against model.py's module names
   2. save_lora / load_lora    - an adapter alone (adapter.safetensors), with frozen earlier-stage factors
@@ -11,10 +10,10 @@ beside the base weights, PEFT's adapter format, the tokenizer, and the hub.
   4. build                    - `--model tiny|DIR|HUB_ID` (or a PEFT folder) -> (model, tokenizer), for every script
 """
 
-import argparse
 import json
 import math
 import os
+import shlex
 
 import torch
 import torch.nn as nn
@@ -56,6 +55,9 @@ def resolve_model_dir(name_or_path):
     """A local directory is used as it is; anything else is a hub id fetched with huggingface_hub (config, weights
     and tokenizer files only). Without network and without a cached copy we fail at once with a clear message."""
     if os.path.isdir(name_or_path):
+        if not os.path.exists(os.path.join(name_or_path, "config.json")):
+            raise UsageError(run_dir_hint(name_or_path, "--model") or f"--model {name_or_path}: no config.json "
+                             f"there (a checkpoint directory in the official layout holds config.json + safetensors)")
         return name_or_path
     if os.path.exists(name_or_path):
         raise UsageError(f"--model {name_or_path!r} is a file; pass the checkpoint DIRECTORY "
@@ -74,6 +76,31 @@ def resolve_model_dir(name_or_path):
             f"Could not get model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
             f"Download it where you have network (huggingface-cli download {name_or_path} --local-dir DIR) and pass "
             f"the local directory instead: --model DIR") from None
+
+
+def run_dir_hint(path, flag):
+    """What a run's OUT_DIR given as --model or --adapter is, and what to pass instead (None if it is not one): a
+    finished run's model is OUT_DIR/final; an unfinished run (a checkpoint, no final/) is named as such, with the
+    command that finishes it (the checkpoint records the command of its run)."""
+    final, ckpt = os.path.join(path, "final"), os.path.join(path, "checkpoint")
+    if os.path.isfile(os.path.join(final, "meta.json")):
+        return f"{flag} {path} is a run's directory; its trained model is {final}: pass {flag} {final}"
+    if os.path.isfile(os.path.join(ckpt, "meta.json")):
+        with open(os.path.join(ckpt, "meta.json")) as f:
+            meta = json.load(f)
+        words, skip = [], False
+        for w in shlex.split(meta.get("command", "")):  # the command again, less what would not finish it
+            if not skip and w not in ("--resume", "--overwrite", "--halt-after") and not w.startswith("--halt-after="):
+                words.append(w)
+            skip = w == "--halt-after"
+        again = shlex.join(words) + " --resume" if words else "its command again with --resume"
+        alone = f"; or use the checkpoint's weights as they are: {flag} {ckpt}" if flag == "--model" and \
+            os.path.isfile(os.path.join(ckpt, "config.json")) else ""
+        return (f"{flag} {path} is an unfinished run (its last checkpoint is at step {meta.get('step')}, and it has "
+                f"no final/ yet; it may still be running): finish it with {again}{alone}")
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+        return f"{flag} {path} is a run that stopped before its first checkpoint: there is no model in it"
+    return None
 
 
 def _checkpoint_shards(model_dir):
@@ -207,8 +234,8 @@ def load_lora(model, path):
         return load_peft(model, path)
     f = path if path.endswith(".safetensors") else os.path.join(path, ADAPTER_FILE)
     if not os.path.exists(f):
-        raise UsageError(f"--adapter {path!r}: no {ADAPTER_FILE} there (a directory written by sft.py or "
-                                f"diffu_grpo.py, or the .safetensors file itself)")
+        raise UsageError(run_dir_hint(path, "--adapter") or f"--adapter {path!r}: no {ADAPTER_FILE} there (the "
+                         f"final/ of a LoRA run of sft.py or diffu_grpo.py, a PEFT folder, or the .safetensors file)")
     try:
         with safe_open(f, framework="pt") as fh:
             meta = fh.metadata()
@@ -362,21 +389,3 @@ def build(name_or_path, dtype=torch.float32, device="cpu", seed=0):
         model = LLaDA(tiny_config(tok)).init_weights(torch.Generator().manual_seed(seed))
         return model.to(device=device, dtype=dtype).eval(), tok
     return load_model(name_or_path, dtype, device), load_tokenizer(name_or_path)
-
-
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Build or load a LLaDA model and run one forward pass.")
-    ap.add_argument("--model", default="tiny", help="'tiny' (random, CPU-sized), a local checkpoint directory, "
-                                                    f"or a hub id such as {LLADA_HUB_ID} (default: tiny)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="weight dtype (default: float32)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    args = ap.parse_args()
-    model, tok = build(args.model, getattr(torch, args.dtype), args.device)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False)
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=args.device)
-    logits = model(ids)
-    print(f"{args.model}: {model.num_params():,} parameters | config {model.cfg}")
-    print(f"prompt {text!r} -> {ids.shape[1]} tokens -> logits {tuple(logits.shape)} {logits.dtype}")

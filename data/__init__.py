@@ -177,6 +177,7 @@ def check_jsonl(path):
     """Every non-empty line of a .jsonl file is one JSON object; the first that is not is named with its line."""
     import json
     from model import UsageError
+    n = 0
     with open(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -187,6 +188,9 @@ def check_jsonl(path):
                 raise UsageError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{i}: a row must be a JSON object, not {type(row).__name__}")
+            n += 1
+    if not n:
+        raise UsageError(f"--data-path {path}: no rows (an empty file)")
 
 
 # The columns each task's rows must have, non-empty (math: an answer, or a solution with a \boxed{} answer).
@@ -238,8 +242,16 @@ def load_task(name, split="train", data_path=None, style="d1", n=None, seed=0, p
     else:
         key = {"math": "math_train" if split == "train" else "math_test"}.get(name, name)
         ds = _hub(key, "train" if name in ("countdown", "s1k") else split)
+    if data_path not in (None, "generate") and len(ds) == 0:
+        from model import UsageError
+        raise UsageError(f"--data-path {data_path}: no rows (an empty file, or a header and no rows)")
     if name == "countdown":
+        before = len(ds)
         ds = ds.filter(lambda r: len(r["nums"]) == 3)  # d1 keeps the 3-number items
+        if len(ds) == 0:
+            from model import UsageError
+            raise UsageError(f"{data_path or HUB['countdown'][0]}: none of its {before} rows has 3 numbers (d1 "
+                             f"keeps the 3-number Countdown items)")
     if n is not None and len(ds) > n:
         ds = ds.select(range(n))
     fn = ROW[name]
@@ -290,6 +302,10 @@ def sft_split(task, data_path, style, train_n, eval_n, eval_frac, seed, blanks=B
     if eval_n is None:
         eval_n = max(1, round(eval_frac * len(rows)))
     if not sudoku:
+        if len(rows) <= eval_n:
+            from model import UsageError
+            raise UsageError(f"{data_path or task}: {len(rows)} rows, and {eval_n} are held out for validation: none "
+                             f"is left to train on (pass --eval-n or --eval-frac smaller, or more rows)")
         return rows.select(range(len(rows) - eval_n)), rows.select(range(len(rows) - eval_n, len(rows)))
     held = sudoku_validation(rows, eval_n, style, seed, kw)
     return rows, random_fill_answers(held, seed + 1, style) if sudoku_answers == "random" else held

@@ -136,6 +136,8 @@ def read_csv(path):
             if problem:
                 raise UsageError(f"{where}: {problem} (puzzle {p!r}, solution {s!r})")
             out.append({"puzzle": p, "solution": s})
+    if not out:
+        raise UsageError(f"{path}: no puzzles (a header and no rows)")
     return out
 
 

@@ -7,7 +7,7 @@ source runs/setup.sh
 export TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/quickstart}
 echo "== 1. the tiny model and its tokenizer"
-python3 weights.py --model tiny
+python3 model.py
 echo "== 2. sampling from the (untrained) tiny model"
 python3 sample.py --model tiny --prompt "sudoku 1030020040000301" --gen-length 48 --block-length 16 --steps 24
 echo "== 3. masked SFT with the tiny preset: 64 labelled puzzles with 3-6 blanks, 400 steps (about a minute)"

@@ -103,7 +103,7 @@ def test_d1_protocol_scores_the_whole_canvas_with_special_tokens_and_clean_stops
 def test_a_rerun_with_other_settings_into_the_same_out_dir_is_refused(tmp_path):
     out = str(tmp_path / "ev")
     E.main(TINY_EVAL + ["--task", "sudoku", "--out-dir", out])
-    with pytest.raises(SystemExit, match="other settings"):  # it would otherwise report the first run's items
+    with pytest.raises(M.UsageError, match="other settings"):  # it would otherwise report the first run's items
         E.main(TINY_EVAL + ["--task", "sudoku", "--temperature", "1.0", "--out-dir", out])
 
 
