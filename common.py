@@ -240,8 +240,8 @@ def optimizer_step(tr, loss=None):
         step = tr.sched.last_epoch + 1
         if not tr.skip_nonfinite:
             raise Diverged(f"diverged at optimizer step {step}: {' and '.join(bad)}; no weight was updated, nothing "
-                           f"was exported, and {tr.checkpoint}. Lower --lr, or pass --skip-nonfinite to skip such "
-                           f"steps")
+                           f"was exported, and {tr.checkpoint}. Start over with a lower --lr (--overwrite), or "
+                           f"continue with --resume --skip-nonfinite to skip such steps")
         tr.skipped += 1
         tr.sched.step()  # the schedule follows the step count, skipped steps included
         return norm

@@ -46,7 +46,7 @@ from common import cli, compute_cleanup, compute_init, print0, setup_model
 from config import HelpFormatter, Parser, add_model_args
 from data import EVAL_PREFILL, TASKS, add_sudoku_args, load_task, sudoku_kwargs
 from data.d1_eval import PREFILL as D1_PREFILL, load_d1_eval
-from rundir import check_out_dir
+from rundir import check_out_dir, claim, release_out_dir
 from sample import (add_sampling_args, check_sampling, completion_mask, decode_completions, generate, pad_left,
                     render_prompts)
 from scoring import score, sudoku_puzzle_of
@@ -128,7 +128,16 @@ def read_generation_file(path, task=None):
     file name (e.g. gsm8k_256_..._rank0.json)."""
     if path.endswith(".jsonl"):
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise
+                # the last line of an evaluation that was killed mid-write: its item is generated again
+        return out
     with open(path) as f:
         data = json.load(f)
     name = os.path.basename(path).lower()
@@ -199,6 +208,11 @@ def evaluate(model, tok, device, task, rows, L, args, rank, world, out_dir):
     """Generate and score this rank's share of one (task, gen_length) setup (its test rows), appending to its JSONL
     file."""
     path = os.path.join(out_dir, f"generations.rank{rank}.jsonl")
+    if os.path.exists(path):  # a line cut by a kill mid-write is dropped before anything is appended after it
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
     done = {(r["task"], r["gen_length"], r["idx"]) for p in glob.glob(os.path.join(out_dir, "generations*.jsonl"))
             for r in read_generation_file(p)}
     todo = [i for i in range(rank, len(rows), world) if (task, L, i) not in done]  # shard items over ranks
@@ -384,6 +398,7 @@ def main(argv=None):
     tasks = EVAL_TASKS if args.task == "all" else [args.task]
     rows = {task: test_rows(task, args) for task in tasks}  # a bad data file stops here, before the model loads
     rank, local_rank, world, device = compute_init(args.device)
+    claim(args.out_dir)  # one live evaluation per out-dir: two would append to the same files
     check_run_config(args, rank)
     model, tok, device = setup_model(args, local_rank)
     with torch.no_grad():
@@ -398,6 +413,9 @@ def main(argv=None):
         print0(markdown_table(summary))
         print0(f"generations: {os.path.join(args.out_dir, 'generations.jsonl')} | table: "
                f"{os.path.join(args.out_dir, 'summary.md')}")
+    if world > 1:
+        dist.barrier()
+    release_out_dir()
     compute_cleanup()
     return summary
 

@@ -124,6 +124,29 @@ def command_line():
     return shlex.join(launcher + [os.path.basename(sys.argv[0])] + sys.argv[1:])
 
 
+def claim(out):
+    """check_out_dir and claim_out_dir on rank 0, for every rank of a torchrun: all stop, with rank 0's reason, or
+    none does."""
+    error = None
+    if is_main():
+        try:
+            check_out_dir(out)
+            claim_out_dir(out)
+        except M.UsageError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise M.UsageError(error)
+
+
+def _inside(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory + os.sep)
+
+
 def release_out_dir():
     """Give back every out-dir this process claimed (only a lock it wrote itself is removed)."""
     while _CLAIMED:
@@ -156,19 +179,15 @@ def prepare_run_dir(cfg):
     out, ckpt, final = cfg.out_dir, os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "final")
     if cfg.resume and cfg.overwrite:
         raise M.UsageError("--resume continues the run in --out-dir and --overwrite deletes it: pass one of them")
-    error = None
-    if is_main():
-        try:
-            check_out_dir(out)
-            claim_out_dir(out)
-        except M.UsageError as e:
-            error = str(e)
-    if dist.is_initialized():  # every rank of the torchrun stops, or none
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise M.UsageError(error)
+    for flag in ("model", "adapter"):  # --overwrite would delete the model this run starts from
+        start = getattr(cfg, flag, None)
+        if cfg.overwrite and start and os.path.exists(start) and _inside(start, out):
+            raise M.UsageError(f"--{flag} {start} lies inside --out-dir {out}, which --overwrite would delete before "
+                               f"it loads: choose another --out-dir")
+    if os.path.isfile(os.path.join(out, "config.json")) or os.path.isfile(os.path.join(out, "meta.json")):
+        raise M.UsageError(f"--out-dir {out} holds a model (an export or a checkpoint), not a run: choose another "
+                           f"--out-dir (a run writes OUT_DIR/metrics.jsonl, checkpoint/ and final/)")
+    claim(out)
     if is_main():
         recover(ckpt)
         recover(final)

@@ -156,9 +156,14 @@ def _local(path, split):
     import datasets
     from model import UsageError
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
-            return datasets.load_from_disk(path)
-        return datasets.load_dataset(path, split=split)
+        try:
+            if os.path.exists(os.path.join(path, "dataset_info.json")) or \
+                    os.path.exists(os.path.join(path, "state.json")):
+                return datasets.load_from_disk(path)
+            return datasets.load_dataset(path, split=split)
+        except Exception as e:  # an empty directory, another split, a folder of something else
+            raise UsageError(f"--data-path {path}: cannot be read as a dataset directory ({type(e).__name__}: "
+                             f"{str(e)[:160]})") from None
     if not os.path.exists(path):
         raise UsageError(f"--data-path {path!r} does not exist")
     ext = os.path.splitext(path)[1].lstrip(".")

@@ -210,3 +210,29 @@ def test_merged_export_of_full_fine_tuning_says_so_and_a_peft_adapter_names_the_
     D.main(RL + ["--model", start, "--max-steps", "2", "--out-dir", str(tmp_path / "rl")])  # LoRA r 4 on it
     cfg = json.load(open(tmp_path / "rl" / "final" / "peft" / "adapter_config.json"))
     assert cfg["base_model_name_or_path"] == start
+
+
+def test_overwrite_never_deletes_the_model_a_run_starts_from_and_an_export_is_not_an_out_dir(tmp_path):
+    out = tmp_path / "sft"
+    sft.main(SFT + ["--max-steps", "2", "--out-dir", str(out)])
+    final = out / "final"
+    for argv, what in [(["--model", str(final), "--out-dir", str(out), "--overwrite"], "inside --out-dir"),
+                       (["--model", "tiny", "--out-dir", str(final), "--overwrite"], "holds a model")]:
+        with pytest.raises(M.UsageError, match=what):
+            sft.main(SFT[2:] + argv)
+    assert W.load_model(str(final)) is not None and (out / "metrics.jsonl").exists()
+
+
+def test_an_evaluation_killed_mid_write_continues_where_it_stopped(tmp_path):
+    import eval as E
+    from test_eval import TINY_EVAL
+    out = tmp_path / "ev"
+    E.main(TINY_EVAL + ["--task", "sudoku", "--out-dir", str(out)])
+    whole = [json.loads(line) for line in open(out / "generations.jsonl")]
+    text = (out / "generations.jsonl").read_text()
+    (out / "generations.jsonl").unlink()
+    (out / "generations.rank0.jsonl").write_text(text[:len(text) - len(text.splitlines()[-1]) // 2 - 1])  # cut
+    E.main(TINY_EVAL + ["--task", "sudoku", "--out-dir", str(out)])
+    again = [json.loads(line) for line in open(out / "generations.jsonl")]
+    key = lambda r: (r["idx"], r["generation"])
+    assert sorted(map(key, again)) == sorted(map(key, whole))
