@@ -417,6 +417,23 @@ def merge_lora(model, dtype=None, min_survival=0.99):
     return model
 
 
+def load_adapter_state(model, sd, meta):
+    """Apply what save_lora wrote (tensors `sd`, metadata r / alpha / targets) to a model: wrap it first if it has
+    no adapters, restore an earlier stage's frozen factors (their shapes come from the file), then load the
+    factors. Every key must match. Returns the model."""
+    if not has_lora(model):
+        apply_lora(model, int(meta["r"]), float(meta["alpha"]), targets=tuple(meta["targets"].split(",")))
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and name + ".lora_frozen_A" in sd:
+            m.set_frozen(sd[name + ".lora_frozen_A"], sd[name + ".lora_frozen_B"])
+    missing, extra = set(lora_state_dict(model)) - set(sd), set(sd) - set(lora_state_dict(model))
+    if missing or extra:
+        raise KeyError(f"adapter keys do not match the model (missing e.g. {sorted(missing)[:3]}, unexpected e.g. "
+                       f"{sorted(extra)[:3]})")
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
 def lora_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 

@@ -14,14 +14,18 @@ import json
 import math
 import os
 import shlex
+import shutil
 
 import torch
 import torch.nn as nn
 
-from model import (LLADA_HUB_ID, LLaDA, LLaDAConfig, LoRALinear, UsageError, apply_lora, has_lora, lora_state_dict,
-                   merge_survival, merged_state_dict, tiny_config, tiny_tokenizer)
+from model import (LLADA_HUB_ID, LLaDA, LLaDAConfig, LoRALinear, UsageError, has_lora, load_adapter_state,
+                   lora_state_dict, merge_survival, merged_state_dict, tiny_config, tiny_tokenizer)
 
 ADAPTER_FILE = "adapter.safetensors"
+# The code an export ships for AutoModel.from_pretrained(EXPORT, trust_remote_code=True): file in the export -> here.
+TRANSFORMERS_CODE = {"configuration_llada.py": "hf/configuration_llada.py", "modeling_llada.py": "hf/modeling_llada.py",
+                     "llada_model.py": "model.py"}
 
 
 def hub_reachable(timeout=3.0):
@@ -207,6 +211,9 @@ def save_model(model, out_dir, tokenizer=None, max_shard_bytes=5 * 2**30, merge=
     _write_safetensors(sd, out_dir, max_shard_bytes)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(model.cfg.to_dict(), f, indent=2)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, src in TRANSFORMERS_CODE.items():  # what config.json's auto_map names, so transformers loads it
+        shutil.copyfile(os.path.join(here, src), os.path.join(out_dir, name))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
@@ -242,16 +249,10 @@ def load_lora(model, path):
             sd = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as e:
         raise UsageError(f"{f}: not a readable adapter file ({type(e).__name__}: {str(e)[:120]})") from None
-    if not has_lora(model):
-        apply_lora(model, int(meta["r"]), float(meta["alpha"]), targets=tuple(meta["targets"].split(",")))
-    for name, m in model.named_modules():  # frozen factors: shapes come from the file
-        if isinstance(m, LoRALinear) and name + ".lora_frozen_A" in sd:
-            m.set_frozen(sd[name + ".lora_frozen_A"], sd[name + ".lora_frozen_B"])
-    missing = set(lora_state_dict(model)) - set(sd)
-    if missing or set(sd) - set(lora_state_dict(model)):
-        raise KeyError(f"{f}: adapter keys do not match the model (missing e.g. {sorted(missing)[:3]})")
-    model.load_state_dict(sd, strict=False)
-    return model
+    try:
+        return load_adapter_state(model, sd, meta)
+    except KeyError as e:
+        raise UsageError(f"{f}: {e.args[0]}") from None
 
 
 # -----------------------------------------------------------------------------
