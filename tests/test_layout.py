@@ -51,26 +51,30 @@ def test_no_module_is_over_600_lines_and_the_readme_is_a_page():
     assert len(readme) <= 200 and max(len(line) for line in readme) <= 120
 
 
-@pytest.mark.parametrize("script", ["sft.py", "diffu_grpo.py", "methods.py", "eval.py", "sample.py", "bench.py",
-                                    "rewards.py"])
-def test_every_script_help_is_in_groups(script):
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
-    headings = [h for h in re.findall(r"^(\S[^\n]*):$", out.stdout, re.M) if h not in ("options", "usage")]
-    assert len(headings) >= 2, out.stdout
-    flags = re.findall(r"^  (--[a-z-]+)", out.stdout, re.M)
-    assert flags and "--help" not in flags
+def test_every_script_help_is_in_groups():
+    scripts = ["sft.py", "diffu_grpo.py", "methods.py", "eval.py", "sample.py", "bench.py", "rewards.py"]
+    procs = [subprocess.Popen([sys.executable, s, "--help"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for s in scripts]
+    for script, p in zip(scripts, procs):
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, script
+        headings = [h for h in re.findall(r"^(\S[^\n]*):$", out, re.M) if h not in ("options", "usage")]
+        assert len(headings) >= 2, (script, out)
+        flags = re.findall(r"^  (--[a-z-]+)", out, re.M)
+        assert flags and "--help" not in flags, script
 
 
 def test_rewards_py_scores_a_completion_from_the_command_line():
-    run = lambda *a: subprocess.run([sys.executable, "rewards.py", *a], cwd=ROOT, capture_output=True, text=True)
-    out = run("--task", "sudoku", "--puzzle", "2403132442010140", "--solution", "2413132442313142",
-              "--completion", "<answer>2413132442313142</answer>")
-    assert out.returncode == 0 and out.stdout.splitlines()[-1].split()[-1] == "1.0000", out.stdout
-    part = run("--task", "sudoku", "--puzzle", "2403132442010140", "--solution", "2413132442313142",
-               "--completion", "<answer>2413132442113142</answer>")  # 3 of the puzzle's 4 blanks right
-    assert float(part.stdout.splitlines()[-1].split()[-1]) == pytest.approx(0.75)
-    missing = run("--task", "countdown", "--completion", "1+2")
-    assert missing.returncode == 2 and "--nums" in missing.stderr and "Traceback" not in missing.stderr
+    puzzle = ["--task", "sudoku", "--puzzle", "2403132442010140", "--solution", "2413132442313142", "--completion"]
+    runs = [puzzle + ["<answer>2413132442313142</answer>"],
+            puzzle + ["<answer>2413132442113142</answer>"],  # 3 of the puzzle's 4 blanks right
+            ["--task", "countdown", "--completion", "1+2"]]
+    procs = [subprocess.Popen([sys.executable, "rewards.py", *a], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for a in runs]
+    (right, _), (part, _), (_, missing) = [p.communicate(timeout=300) for p in procs]
+    assert procs[0].returncode == 0 and right.splitlines()[-1].split()[-1] == "1.0000", right
+    assert float(part.splitlines()[-1].split()[-1]) == pytest.approx(0.75)
+    assert procs[2].returncode == 2 and "--nums" in missing and "Traceback" not in missing
 
 
 def test_a_run_prints_every_log_every_steps_and_the_last_then_names_its_export_and_next_commands(tmp_path, capsys):

@@ -5,6 +5,7 @@ model loads, bad data files are named with counts, and what a script says is tru
 a tiny export evaluated with its own settings, a PEFT adapter naming the model it applies to)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -37,22 +38,26 @@ ONE_LINE = lambda p: p.returncode == 2 and "Traceback" not in p.stderr and len(p
 
 def test_a_second_launch_into_a_live_out_dir_refuses_and_touches_nothing(tmp_path):
     out = tmp_path / "live"
-    first = cli("sft.py", SFT + ["--max-steps", "300", "--eval-every", "0", "--save-every", "50", "--out-dir",
+    first = cli("sft.py", SFT + ["--max-steps", "40", "--eval-every", "0", "--save-every", "10", "--out-dir",
                                  str(out)], wait=False)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    claim = json.load(open(out / rundir.LOCK))
-    assert claim["pid"] == first.pid and claim["host"] == socket.gethostname()
-    second = [cli("sft.py", SFT + ["--max-steps", "300", "--eval-every", "0", "--out-dir", str(out)] + extra,
-                  wait=False) for extra in ([], ["--resume"], ["--overwrite"])]
-    for p in second:
-        err = p.communicate(timeout=300)[1]
-        assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
-        assert "in use by a live run" in err and f"PID {first.pid}" in err, err
+        time.sleep(0.1)
+    first.send_signal(signal.SIGSTOP)  # paused, not gone: still the live run that holds the out-dir
+    try:
+        claim = json.load(open(out / rundir.LOCK))
+        assert claim["pid"] == first.pid and claim["host"] == socket.gethostname()
+        second = [cli("sft.py", SFT + ["--max-steps", "40", "--eval-every", "0", "--out-dir", str(out)] + extra,
+                      wait=False) for extra in ([], ["--resume"], ["--overwrite"])]
+        for p in second:
+            err = p.communicate(timeout=300)[1]
+            assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
+            assert "in use by a live run" in err and f"PID {first.pid}" in err, err
+    finally:
+        first.send_signal(signal.SIGCONT)
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-2000:]
-    assert logged_steps(out) == list(range(301)), "the live run's log was touched"  # step 0: the first validation
+    assert logged_steps(out) == list(range(41)), "the live run's log was touched"  # step 0: the first validation
     assert (out / "final" / "meta.json").exists() and not (out / rundir.LOCK).exists()  # given back at the end
 
 
@@ -179,11 +184,12 @@ def test_a_data_file_without_usable_rows_is_named_with_counts_before_the_model_l
 def test_an_unfinished_run_given_as_model_or_adapter_is_named_with_the_command_that_finishes_it(tmp_path):
     out = tmp_path / "run"
     ok(cli("sft.py", SFT + ["--out-dir", str(out), "--halt-after", "2"]))
-    for flag in ("--model", "--adapter"):
-        p = cli("sample.py", [flag, str(out)] + (["--model", "tiny"] if flag == "--adapter" else []))
+    launched = [cli("sample.py", [flag, str(out)] + (["--model", "tiny"] if flag == "--adapter" else []), wait=False)
+                for flag in ("--model", "--adapter")]
+    for _, _, _, p in finished([(None, None, None, q) for q in launched]):
         assert ONE_LINE(p) and "unfinished run" in p.stderr and "step 2" in p.stderr, p.stderr
         assert "python sft.py" in p.stderr and "--resume" in p.stderr and "--halt-after" not in p.stderr
-    ok(cli("sft.py", SFT + ["--out-dir", str(out), "--resume"]))
+    sft.main(SFT + ["--out-dir", str(out), "--resume"])
     p = cli("sample.py", ["--model", str(out)])
     assert ONE_LINE(p) and f"pass --model {out / 'final'}" in p.stderr
 
