@@ -139,3 +139,13 @@ D1_SUDOKU_SYSTEM = (
     "string with only the digits 1-4, representing your final solved grid.\n\nRespond in this exact format:\n"
     "<reasoning>\nYour step-by-step solving process\n</reasoning>\n<answer>\n[16-character solution string with no "
     "spaces or separators]\n</answer>\n")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked optin run only with D1_OPTIN=1: checks worth having that the suite's time budget cannot hold."""
+    if os.environ.get("D1_OPTIN") == "1":
+        return
+    skip = pytest.mark.skip(reason="opt-in: run with D1_OPTIN=1")
+    for item in items:
+        if "optin" in item.keywords:
+            item.add_marker(skip)

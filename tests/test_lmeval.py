@@ -1,7 +1,7 @@
 """lmeval.py: LLaDA's likelihood estimate and greedy check against hand computations (no harness needed), and the
 model registered as `llada` in lm-evaluation-harness: generation equal to the sampler's, a generation task and a
-multiple-choice task defined on local files run end to end on a tiny export, and on two gloo ranks as on one.
-The harness tests skip when lm_eval is not installed (CI installs it)."""
+multiple-choice task defined on local files run end to end on a tiny export, and (opt-in, D1_OPTIN=1) on two gloo
+ranks as on one. The harness tests skip when lm_eval is not installed (CI installs it)."""
 import json
 import os
 import types
@@ -132,11 +132,9 @@ def write_tasks(folder):
 MODEL_ARGS = "gen_length=16,block_length=8,steps=8,mc_num=4"
 
 
-def test_local_generation_and_multiple_choice_tasks_run_on_a_tiny_export_on_one_process_and_two_ranks(export,
-                                                                                                      tmp_path):
-    """In the harness, in process: the multiple-choice accuracy is the argmax of this model's estimates over each
-    question's choices (and an estimate is loglikelihood_of's); then the same tasks through `lmeval.py` on two gloo
-    ranks give the same numbers."""
+def test_local_generation_and_multiple_choice_tasks_run_on_a_tiny_export(export, tmp_path):
+    """In the harness: the multiple-choice accuracy is the argmax of this model's estimates over each question's
+    choices, and an estimate is loglikelihood_of's."""
     pytest.importorskip("lm_eval")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -161,11 +159,23 @@ def test_local_generation_and_multiple_choice_tasks_run_on_a_tiny_export_on_one_
     g = lmeval.request_generator(lm.seed, context, continuation)
     assert ll == pytest.approx(lmeval.loglikelihood_of(lm.model, torch.tensor(whole[:len(pre)]),
                                                        torch.tensor(whole[len(pre):]), lm.mask_id, 4, 4, g))
-    launch(os.path.join(ROOT, "lmeval.py"), ["--model", "llada", "--model_args", f"pretrained={export},{MODEL_ARGS}",
-                                             "--tasks", "tiny_mc", "tiny_gen", "--include_path", str(tmp_path),
-                                             "--batch_size", "4", "--output_path", str(tmp_path / "out")], nproc=2)
-    path = next(os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results"))
-    two = json.load(open(path))["results"]
+
+
+@pytest.mark.optin
+def test_two_gloo_ranks_give_the_numbers_of_one_process(export, tmp_path):
+    """`lmeval.py` under torchrun, 2 gloo ranks (the harness shards the requests), against one process."""
+    pytest.importorskip("lm_eval")
+    write_tasks(str(tmp_path))
+    results = {}
+    for n in (1, 2):
+        launch(os.path.join(ROOT, "lmeval.py"), ["--model", "llada", "--model_args",
+                                                 f"pretrained={export},{MODEL_ARGS}", "--tasks", "tiny_mc",
+                                                 "tiny_gen", "--include_path", str(tmp_path), "--batch_size", "4",
+                                                 "--output_path", str(tmp_path / f"out{n}")], nproc=n)
+        path = next(os.path.join(r, f) for r, _, fs in os.walk(tmp_path / f"out{n}") for f in fs
+                    if f.startswith("results"))
+        results[n] = json.load(open(path))["results"]
+    one, two = results[1], results[2]
     for task in ("tiny_mc", "tiny_gen"):
         assert {k: v for k, v in two[task].items() if "stderr" not in k and k != "alias"} == \
             {k: v for k, v in one[task].items() if "stderr" not in k and k != "alias"}

@@ -61,12 +61,13 @@ def test_a_second_launch_into_a_live_out_dir_refuses_and_touches_nothing(tmp_pat
     assert (out / "final" / "meta.json").exists() and not (out / rundir.LOCK).exists()  # given back at the end
 
 
-def test_a_claim_left_by_a_killed_run_is_reclaimed(tmp_path):
+def test_a_claim_left_by_a_killed_run_is_reclaimed(tmp_path, capsys):
     out = tmp_path / "run"
     killed = cli("sft.py", SFT + ["--out-dir", str(out)], env={"D1_CRASH_AT": "step:3"})
     assert killed.returncode == -9 and (out / rundir.LOCK).exists()
-    p = ok(cli("sft.py", SFT + ["--out-dir", str(out), "--resume"]))
-    assert "is gone; taking it over" in p.stdout and (out / "final").exists() and not (out / rundir.LOCK).exists()
+    sft.main(SFT + ["--out-dir", str(out), "--resume"])
+    assert "is gone; taking it over" in capsys.readouterr().out
+    assert (out / "final").exists() and not (out / rundir.LOCK).exists()
 
 
 def test_claims_by_this_host_are_checked_by_pid_and_start_and_other_hosts_are_not_guessed(tmp_path):
