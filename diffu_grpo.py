@@ -262,10 +262,11 @@ def updates(tr, obj, b, masks, old, ref, cfg):
     ratio and grad norm."""
     mu, N = cfg.num_iterations, len(b.completion)
     coef, norm = obj.coefficients(b.adv, cfg.num_generations), obj.normaliser(b.cmask, cfg.num_generations)
+    n = float(norm)  # for the metrics: one host sync per rollout batch, not per micro-batch
     tr.model.train()
     sums = dict.fromkeys(("loss", "kl", "clipped", "grad_norm"), 0.0)
     for j in range(mu):
-        step_loss = 0.0
+        step_loss = 0.0  # update j's loss (what optimizer_step checks is finite)
         for i in range(0, N, cfg.micro_batch_size):
             sl = slice(i, i + cfg.micro_batch_size)
             with tr.autocast:
@@ -274,10 +275,10 @@ def updates(tr, obj, b, masks, old, ref, cfg):
             old_j = est.detach() if old is None else old[j][sl]  # mu = 1: the ratio is exactly 1
             loss, st = obj.loss(est, old_j, None if ref is None else ref[j][sl], coef[sl], b.cmask[sl], cfg)
             (loss / norm).backward()
-            step_loss += loss.item() / float(norm)
-            sums["loss"] += loss.item() / float(norm) / mu
-            sums["kl"] += float(st.get("kl", 0.0)) / float(norm) / mu
-            sums["clipped"] += float(st.get("clipped", 0.0)) / float(norm) / mu
+            step_loss += loss.item() / n
+            sums["kl"] += float(st.get("kl", 0.0)) / n / mu
+            sums["clipped"] += float(st.get("clipped", 0.0)) / n / mu
+        sums["loss"] += step_loss / mu
         sums["grad_norm"] += optimizer_step(tr, step_loss) / mu
     return sums
 

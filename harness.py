@@ -364,14 +364,13 @@ class Run:
 
 def next_commands(cfg, stage):
     """What to run after a run of `stage` ('sft' or 'rl'): (what, command) pairs with {final} for the export, for
-    Run.finish to print. A tiny Sudoku run gets the commands of the demo's decoding (eval.py has no presets)."""
+    Run.finish to print. eval.py evaluates a tiny export with its own settings, so it needs no more flags."""
     task = "gsm8k" if cfg.task == "s1k" else cfg.task
-    rl = [("RL from it:", f"python diffu_grpo.py --model {{final}} --task {task}")] if stage == "sft" else []
-    if cfg.preset != "tiny" or task != "sudoku":
-        return rl + [("evaluate it:", f"python eval.py --model {{final}} --task {task}")]
-    blanks = " ".join(map(str, cfg.blanks))
-    return rl + [
-        ("evaluate it:", f"python eval.py --model {{final}} --protocol clean --task sudoku --prompt-style compact "
-                         f"--blanks {blanks} --gen-length 40 --block-length 40 --steps 1 --limit 128"),
-        ("watch it solve:", "python sample.py --model {final} --prompt 'sudoku 2403132442010140' --gen-length 40 "
-                            "--block-length 40 --steps 40 --show")]
+    out = [("RL from it:", f"python diffu_grpo.py --model {{final}} --task {task}")] if stage == "sft" else []
+    if cfg.preset != "tiny":
+        return out + [("evaluate it:", f"python eval.py --model {{final}} --task {task}")]
+    out.append(("evaluate it:", "python eval.py --model {final} --limit 128"))
+    if task == "sudoku":
+        out.append(("watch it solve:", "python sample.py --model {final} --prompt 'sudoku 2403132442010140' "
+                                       "--gen-length 40 --block-length 40 --steps 40 --show"))
+    return out
