@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
+import parallel as P
 import weights as W
 
 
@@ -77,28 +78,28 @@ def reduce_metrics(metrics, world, device):
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
-def all_reduce_grads(params, world):
-    """Average gradients over ranks: one flat all-reduce instead of one call per tensor (the LoRA model has
-    hundreds of small tensors). Parameters without a gradient contribute zeros, so every rank stays in step."""
-    if world == 1:
-        return
-    params = [p for p in params if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    i = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[i:i + n].view_as(p).to(p.dtype)
-        i += n
-
-
 def broadcast_params(params, world):
-    """Make every rank start from rank 0's weights (and prove they are in sync by construction)."""
+    """Make every rank start from rank 0's weights (and prove they are in sync by construction). Called before
+    parallel.distribute: FSDP2 then shards identical copies."""
     if world == 1:
         return
     for p in params:
         dist.broadcast(p.data, 0)
+
+
+def distribute(cfg, model, world, device, frozen=None):
+    """The model (and the frozen reference policy, if any) spread over the ranks, DDP or --fsdp (parallel.py), after
+    every rank starts from rank 0's weights. Returns the trainable parameters to build the optimizer on.
+    Full fine-tuning on a GPU computes in bf16 from fp32 master weights (FSDP2's mixed precision with --fsdp)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    broadcast_params(params, world)
+    if cfg.fsdp and world == 1:
+        print0("--fsdp on one process: nothing to shard over; checkpoints are still written by "
+               "torch.distributed.checkpoint, so the run can resume on more ranks")
+    mixed = not cfg.lora_r and device.type == "cuda"
+    if frozen is not None and cfg.fsdp:
+        P.distribute(frozen, True, world, device, mixed)
+    return P.distribute(model, cfg.fsdp, world, device, mixed)
 
 
 # -----------------------------------------------------------------------------
@@ -219,16 +220,15 @@ def lr_lambda(warmup, total, schedule):
 
 
 def optimizer_step(tr, loss=None):
-    """The end of every update, SFT's and RL's: gradients averaged over ranks, clipped to tr.max_grad_norm, one
-    AdamW step, one schedule step. Returns the gradient norm before clipping.
+    """The end of every update, SFT's and RL's (the gradients are already averaged over ranks: DDP and FSDP2 reduce
+    them during backward): clipped to tr.max_grad_norm, one AdamW step, one schedule step. Returns the gradient norm before clipping.
     A non-finite gradient norm, or a non-finite `loss` (this rank's loss of the step) on any rank, never reaches
     the weights: the step is skipped on every rank (counted in tr.skipped) with tr.skip_nonfinite, and otherwise
     the run stops (Diverged) before any weight moves."""
-    all_reduce_grads(tr.params, tr.world)
-    norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.max_grad_norm).item()
+    norm = P.scalar(torch.nn.utils.clip_grad_norm_(tr.params, tr.max_grad_norm))
     bad = [] if math.isfinite(norm) else [f"the gradient norm is {norm}"]
     loss_bad = loss is not None and not math.isfinite(loss)
-    if tr.world > 1:  # the norm is the same on every rank (all-reduced gradients); the loss is this rank's
+    if tr.world > 1:  # the norm is the same on every rank (reduced gradients); the loss is this rank's
         flag = torch.tensor([float(loss_bad)], device=tr.params[0].device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         loss_bad = bool(flag.item())
@@ -254,10 +254,10 @@ def optimizer_step(tr, loss=None):
 def check_finite(model, what):
     """Refuse (Diverged) to write `what` if any weight of `model` is not finite: no checkpoint or export ever holds
     one."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise Diverged(f"{name} holds non-finite values: {what} is not written (the weights have diverged; "
-                           f"lower --lr)")
+    bad = P.nonfinite(model)
+    if bad:
+        raise Diverged(f"{bad[0]} holds non-finite values: {what} is not written (the weights have diverged; "
+                       f"lower --lr)")
 
 
 # -----------------------------------------------------------------------------

@@ -47,6 +47,9 @@ SHARED = {
                      "PEFT config matched in LLaDA) or 'wide' = " + ",".join(M.LORA_TARGETS_WIDE), "model"),
     "grad_ckpt": ("gradient checkpointing: recompute each block in the backward pass (less memory, more compute)",
                   "model"),
+    "fsdp": ("shard the weights, gradients and optimizer state over the torchrun ranks with FSDP2 (parallel.py): "
+             "full fine-tuning of LLaDA-8B fits a node; checkpoints are sharded (torch.distributed.checkpoint) and "
+             "resume on any number of ranks. Without it, several ranks each hold the whole model (DDP)", "model"),
     "force": ("run even if the memory plan exceeds the GPU's memory", "model"),
     "prompt_style": ("d1's exact prompts, or compact ones (a character-level tiny model cannot afford d1's long "
                      "prompts)", "data", dict(choices=["d1", "compact"])),
@@ -103,6 +106,7 @@ class TrainerConfig:
     dtype: str = shared("dtype", "auto")
     device: str = shared("device", "auto")
     grad_ckpt: bool = shared("grad_ckpt", False)
+    fsdp: bool = shared("fsdp", False)
     force: bool = shared("force", False)
     data_path: str = shared("data_path", None)
     prompt_style: str = shared("prompt_style", "d1")

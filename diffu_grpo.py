@@ -50,13 +50,14 @@ import torch.distributed as dist
 
 import config
 import model as M
-from common import (batch_for, batch_generators, broadcast_params, cli, compute_init, lora_targets, make_trainer,
+from common import (batch_for, batch_generators, cli, compute_init, distribute, lora_targets, make_trainer,
                     optimizer_step, print0, reduce_metrics, training_setup, warn_once)
 from config import option, parse_config, require, shared
 from harness import Run, next_commands
 from rundir import prepare_run_dir
 from data import BLANKS, load_task, rl_split, sudoku_kwargs
 from memory import check_rl_memory
+from parallel import gathered
 from rewards import REWARDS, weighted_rewards
 from scoring import score
 from sample import (check_sampling, completion_mask, decode_completions, encode_prompts, generate, sampling_kwargs,
@@ -204,7 +205,7 @@ def rollout(model, prompt_ids, prompt_attn, sampling, generator, autocast, train
     tokens (N, L): up to and including the first EOS. The model samples in eval mode (no LoRA dropout) unless
     train_mode (d1's trainer sampled with dropout on). Also returns the sampler's forward passes."""
     model.train(train_mode)
-    with autocast:
+    with autocast, gathered(model):  # --fsdp: every weight gathered once for the whole rollout (parallel.py)
         out = generate(model, prompt_ids, prompt_attn, generator=generator, **sampling)
     return out.completion, completion_mask(out.completion, model.cfg.eos_token_id).float(), out.forward_passes
 
@@ -244,12 +245,12 @@ def old_and_ref(policy, obj, b, masks, cfg, autocast):
     or an objective without a ratio: no ref). Returns (old, ref, {phase: seconds})."""
     mu, rows = cfg.num_iterations, cfg.logp_batch_size or cfg.micro_batch_size
     t0 = time.perf_counter()
-    with autocast:
+    with autocast, gathered(policy.model):  # --fsdp: gathered once for all of these passes (parallel.py)
         old = estimates(policy.model, obj, b, masks, cfg, rows) if obj.ratio and mu > 1 else None
     t1 = time.perf_counter()
     ref = None
     if obj.ratio and cfg.beta > 0:
-        with autocast, policy.ref_context():
+        with autocast, policy.ref_context(), gathered(policy.ref_model()):
             ref = estimates(policy.ref_model(), obj, b, masks, cfg, rows)
         policy.ref_passes += mu  # counted in estimates of the batch (one per update), however they are batched
     return old, ref, {"old_logps": t1 - t0, "ref_logps": time.perf_counter() - t1}
@@ -349,7 +350,7 @@ def train(cfg, presets, obj):
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
     check_rl_memory(cfg, model.cfg, dtype, device, obj.copies(cfg))
     policy = Policy(model, copy.deepcopy(model).eval().requires_grad_(False) if not cfg.lora_r and cfg.beta else None)
-    broadcast_params(params, world)
+    params = distribute(cfg, model, world, device, policy.frozen)  # DDP, or FSDP2 with --fsdp (parallel.py)
     tr = make_trainer(model, params, cfg, cfg.max_steps, world, autocast)
     validate = val and validation(cfg, model, tok, val, rank, world, device, autocast)
     knobs = ", ".join(f"{k}={getattr(cfg, k)}" for k in obj.knobs)

@@ -14,9 +14,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import model as M
+import parallel as P
 import weights as W
 from common import Interrupted, barrier, check_finite, compute_cleanup, is_main, print0
 from config import config_dict
@@ -27,52 +29,65 @@ from rundir import atomic_dir, command_line, crash_point, read_meta, release_out
 # 1. Resume, checkpoints and the export
 
 
-def maybe_resume(args, model, opt, sched):
-    """With --resume and a checkpoint (prepare_run_dir has checked it), restore OUT_DIR/checkpoint into the model
-    and optimizer; returns its meta, or None."""
+def maybe_resume(args, tr, with_best):
+    """With --resume and a checkpoint (prepare_run_dir has checked it), restore OUT_DIR/checkpoint into the Trainer's
+    model, optimizer and schedule; returns (its meta, the kept best weights or None), or (None, None)."""
     path = os.path.join(args.out_dir, "checkpoint")
     if not args.resume or not os.path.isdir(path):
-        return None
-    meta = load_checkpoint(path, model, opt, sched)
+        return None, None
+    meta, best = load_checkpoint(path, tr, with_best)
     print0(f"resumed from {path} at step {meta['step']}")
-    return meta
+    return meta, best
 
 
-def save_checkpoint(path, model, tokenizer, optimizer, scheduler, meta, extra=None):
-    """A resumable checkpoint, written atomically: the trainable weights (the LoRA adapter alone, or the full
-    model in the official layout), optimizer and scheduler state, meta.json (args, step, metrics) and, if given,
-    extra.pt (other tensors a trainer must restore, e.g. sft.py's best weights for early stopping). Weights that
-    are not finite are never written (common.Diverged), on every rank alike."""
-    check_finite(model, f"the checkpoint {path}")
-    if not is_main():
+def save_checkpoint(path, tr, tokenizer, meta, best=None, sharded=False):
+    """A resumable checkpoint of the Trainer tr, written atomically: the trainable weights, optimizer and schedule
+    state, meta.json (args, step, metrics) and, if given, `best` (--keep-best's kept weights, a list like
+    tr.params). Plain: rank 0 writes the weights in the official layout (a LoRA run: the adapter alone),
+    trainer_state.pt and extra.pt. sharded (--fsdp): every rank writes its shards with torch.distributed.checkpoint
+    (parallel.save_sharded), which any number of ranks can resume from. Weights that are not finite are never
+    written (common.Diverged), on every rank alike."""
+    check_finite(tr.model, f"the checkpoint {path}")
+    if not sharded and not is_main():
         return
-    with atomic_dir(path) as tmp:
-        if M.has_lora(model):
-            W.save_lora(model, tmp)
+    with atomic_dir(path, collective=sharded) as tmp:
+        if sharded:
+            P.save_sharded(tmp, tr.model, tr.opt, tr.params, best)
+        elif M.has_lora(tr.model):
+            W.save_lora(tr.model, tmp)
         else:
-            W.save_model(model, tmp, tokenizer)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   os.path.join(tmp, "trainer_state.pt"))
-        if extra is not None:
-            torch.save(extra, os.path.join(tmp, "extra.pt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+            W.save_model(tr.model, tmp, tokenizer)
+        if is_main():
+            torch.save({"scheduler": tr.sched.state_dict(), **({} if sharded else {"optimizer": tr.opt.state_dict()})},
+                       os.path.join(tmp, "trainer_state.pt"))
+            if best is not None and not sharded:
+                torch.save({"best_state": best}, os.path.join(tmp, "extra.pt"))
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({**meta, "kept_best": best is not None}, f, indent=2, default=str)
 
 
-def load_checkpoint(path, model, optimizer, scheduler):
-    """Restore what save_checkpoint wrote into an already built model/optimizer/scheduler; returns meta. A file
-    that cannot be read is named in the error."""
-    if M.has_lora(model):
-        W.load_lora(model, path)
+def load_checkpoint(path, tr, with_best=True):
+    """Restore what save_checkpoint wrote into the Trainer's already built (and distributed) model, optimizer and
+    schedule; returns (meta, kept best weights or None). A file that cannot be read is named in the error."""
+    meta = read_meta(path)
+    best = None
+    if P.is_dcp(path):
+        best = P.load_sharded(path, tr.model, tr.opt, tr.params, with_best and meta.get("kept_best", False))
     else:
-        sd = {}
-        for shard in W._checkpoint_shards(path):
-            sd.update(W.read_safetensors(os.path.join(path, shard)))
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in sd.items()})
+        if M.has_lora(tr.model):
+            W.load_lora(tr.model, path)
+        else:
+            sd = {}
+            for shard in W._checkpoint_shards(path):
+                sd.update(W.read_safetensors(os.path.join(path, shard)))
+            tr.model.load_state_dict({k: v.to(tr.model.state_dict()[k].dtype) for k, v in sd.items()})
+        extra = os.path.join(path, "extra.pt")
+        best = read_torch(extra)["best_state"] if with_best and os.path.exists(extra) else None
     state = read_torch(os.path.join(path, "trainer_state.pt"))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return read_meta(path)
+    if "optimizer" in state:
+        tr.opt.load_state_dict(state["optimizer"])
+    tr.sched.load_state_dict(state["scheduler"])
+    return meta, best
 
 
 def read_torch(path):
@@ -90,8 +105,10 @@ def export_model(path, model, tokenizer, meta=None, mode="exact", base=None):
     fp32 (weights.save_model; refused if the cast would lose more than 1% of the update). A LoRA run also writes
     PATH/peft/, the whole update as one PEFT LoRA adapter over `base` (weights.save_peft). Prints how much of the
     update a merge into the base dtype would keep, so the cost of a bf16 merge is never a surprise. Weights that
-    are not finite are never exported (common.Diverged)."""
+    are not finite are never exported (common.Diverged). A sharded model (--fsdp) is gathered onto rank 0's CPU
+    first (parallel.full_model): every rank calls this."""
     check_finite(model, f"the export {path}")
+    model = P.full_model(model)
     if not is_main():
         return
     if mode == "merged" and not M.has_lora(model):
@@ -186,7 +203,9 @@ class BestWeights:
         """Record an evaluation; True when training should stop (--patience evaluations without improvement)."""
         if loss < self.record["loss"]:
             self.record = {"loss": loss, "step": step, "bad": 0}
-            self.state = [p.detach().to("cpu", copy=True) for p in self.params] if self.keep else None
+            # A sharded weight (--fsdp) keeps its shard where it is: 1/world of it, and a DTensor DCP can save.
+            self.state = [p.detach().clone() if isinstance(p, DTensor) else p.detach().to("cpu", copy=True)
+                          for p in self.params] if self.keep else None
         else:
             self.record["bad"] += 1
         return bool(self.patience) and self.record["bad"] >= self.patience
@@ -226,10 +245,8 @@ class Run:
         self.total, self.desc, self.stride = total_steps, desc, stride
         self.log_every = cfg.log_every or max(1, -(-total_steps // 20))  # about 20 lines a run by default
         self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
-        meta = maybe_resume(cfg, tr.model, tr.opt, tr.sched)
+        meta, state = maybe_resume(cfg, tr, keep_best)
         self.start = meta["step"] if meta else 0
-        extra = os.path.join(self.ckpt_dir, "extra.pt")
-        state = read_torch(extra)["best_state"] if meta and os.path.exists(extra) else None
         self.best = BestWeights(tr.params, keep_best, patience, meta and meta.get("early_stop"), state)
         if meta:
             tr.checkpoint = f"the last checkpoint (step {meta['step']}) is kept in {self.ckpt_dir}"
@@ -268,11 +285,10 @@ class Run:
         return tuple(int(v) for v in t.tolist())
 
     def save(self, step, metrics):
-        best = {"best_state": self.best.state} if self.best.state is not None else None
-        save_checkpoint(self.ckpt_dir, self.tr.model, self.tok, self.tr.opt, self.tr.sched,
+        save_checkpoint(self.ckpt_dir, self.tr, self.tok,
                         {"step": step, "args": config_dict(self.cfg), "early_stop": self.best.record,
                          "train_seconds": time.monotonic() - self.clock0, "command": command_line(), **metrics},
-                        extra=best)
+                        self.best.state, sharded=self.cfg.fsdp)
         self.last_save = time.monotonic()
         self.tr.checkpoint = f"the last checkpoint (step {step}) is kept in {self.ckpt_dir}"
 
@@ -335,7 +351,7 @@ class Run:
         (what, command) pairs, {final} standing for the export's path), end the distributed run. Returns the
         metrics, with best_step and best_eval_loss (or best_eval_accuracy) when weights were kept."""
         metrics = dict(metrics or {})
-        if self.tr.world > 1:
+        if self.tr.world > 1 and not P.is_sharded(self.tr.model):  # (sharded: each rank holds other weights)
             print0(f"ranks in sync: {assert_ranks_in_sync(self.tr.params, self.tr.world)} (weights compared over "
                    f"{self.tr.world} ranks)")
         if self.best.state is not None and not self.halted:

@@ -259,25 +259,36 @@ def read_meta(path):
 
 
 @contextlib.contextmanager
-def atomic_dir(final):
+def atomic_dir(final, collective=False):
     """Write a directory (a checkpoint, the export) into FINAL.tmp, flush it to disk, then rename it into place.
     A crash at any instant leaves a complete FINAL, or (between the two renames) a complete FINAL.old that
-    recover() puts back; never a half-written FINAL. fsync before the rename makes it survive a power cut too."""
+    recover() puts back; never a half-written FINAL. fsync before the rename makes it survive a power cut too.
+    collective: every rank enters (each writes its shards of a sharded checkpoint into FINAL.tmp); rank 0 prepares
+    FINAL.tmp before any rank writes and renames it after all have written. Otherwise only the caller writes."""
     final = final.rstrip("/")
     tmp, old = final + ".tmp", final + ".old"
-    recover(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    main = not collective or is_main()
+    if main:
+        recover(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if collective:
+        barrier()
     yield tmp
-    crash_point("write")  # (tests: a kill with FINAL.tmp written but not yet flushed or renamed)
-    _fsync_tree(tmp)
-    if os.path.exists(final):
+    if collective:
+        barrier()
+    if main:
+        crash_point("write")  # (tests: a kill with FINAL.tmp written but not yet flushed or renamed)
+        _fsync_tree(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            crash_point("swap")  # (tests: a kill with only FINAL.old and FINAL.tmp on disk)
+        os.replace(tmp, final)
+        _fsync(os.path.dirname(os.path.abspath(final)))
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        crash_point("swap")  # (tests: a kill with only FINAL.old and FINAL.tmp on disk)
-    os.replace(tmp, final)
-    _fsync(os.path.dirname(os.path.abspath(final)))
-    shutil.rmtree(old, ignore_errors=True)
+    if collective:
+        barrier()
 
 
 def recover(path):

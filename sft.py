@@ -44,13 +44,14 @@ import torch.nn.functional as F
 
 import config
 import model as M
-from common import (batch_for, broadcast_params, cli, compute_init, lora_targets, make_trainer, optimizer_step,
-                    print0, training_setup)
+from common import (batch_for, cli, compute_init, distribute, lora_targets, make_trainer, optimizer_step, print0,
+                    training_setup)
 from config import option, parse_config, require, shared
 from data import BLANKS, sft_split
 from harness import Run, next_commands
 from rundir import prepare_run_dir
 from memory import Setting, check_fits
+from parallel import gathered
 
 # -----------------------------------------------------------------------------
 # The objective
@@ -138,8 +139,20 @@ def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast, level
     all-reduced, so every rank gets the number one process would get, at 1/world of the cost."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     mine = torch.arange(rank, len(ids), world)
+    with gathered(model):  # --fsdp: gathered once for every pass (ranks may run different numbers of them)
+        total, count = _heldout_sums(model, ids, plens, mask_id, batch_size, device, autocast, levels, mine)
+    model.train(was_training)
+    if world > 1:
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = t.tolist()
+    return total / count
+
+
+def _heldout_sums(model, ids, plens, mask_id, batch_size, device, autocast, levels, mine):
+    """(summed loss, examples) over this rank's validation examples `mine`."""
+    total, count = 0.0, 0
     for k, t in enumerate(levels):
         g = torch.Generator().manual_seed(10_000 + k)
         u = torch.rand(ids.shape, generator=g)[mine]  # the same pattern per example whatever the world size
@@ -150,12 +163,7 @@ def heldout_loss(model, ids, plens, mask_id, batch_size, device, autocast, level
                                 torch.full((len(sl),), t, device=device), u[i:i + batch_size].to(device))
             total += loss.item() * len(sl)
             count += len(sl)
-    model.train(was_training)
-    if world > 1:
-        t = torch.tensor([total, count], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        total, count = t.tolist()
-    return total / count
+    return total, count
 
 
 # -----------------------------------------------------------------------------
@@ -172,7 +180,7 @@ def main(argv=None):
     check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size, prompt_len=0, completion_len=cfg.max_length,
                        dtype=dtype, lora_r=cfg.lora_r, lora_targets=lora_targets(cfg.lora_targets),
                        grad_ckpt=cfg.grad_ckpt), device, cfg.force)
-    broadcast_params(params, world)
+    params = distribute(cfg, model, world, device)  # DDP, or FSDP2 with --fsdp (parallel.py)
     (ids, plens), (val_ids, val_plens) = tokenized(cfg, tok, rows, held, model.cfg.eos_token_id)
     N, T = ids.shape
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * N / batch_size)

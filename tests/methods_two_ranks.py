@@ -16,6 +16,7 @@ from common import Trainer  # noqa: E402
 import diffu_grpo as D  # noqa: E402
 import methods  # noqa: E402
 import model as M  # noqa: E402
+import parallel  # noqa: E402
 
 rank, _, world, _ = common.compute_init("cpu")
 tok = M.tiny_tokenizer()
@@ -33,7 +34,7 @@ adv = D.group_advantages(torch.rand(N, generator=g), G)
 def updates(cfg, name, masks, rows, w):
     """mu updates on rows `rows` of the batch in a world of w ranks; returns the trained weights (flat)."""
     model = copy.deepcopy(base)
-    params = list(model.parameters())
+    params = parallel.distribute(model, False, w, torch.device("cpu"))  # w > 1: DDP averages the gradients
     opt = torch.optim.SGD(params, lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     policy = D.Policy(model, copy.deepcopy(base).eval().requires_grad_(False))

@@ -129,8 +129,8 @@ def test_no_checkpoint_or_export_ever_holds_a_non_finite_weight(tmp_path, tiny, 
         harness.export_model(str(tmp_path / "final"), tiny, tok)
     opt = torch.optim.SGD(tiny.parameters(), lr=0.1)
     with pytest.raises(common.Diverged, match="non-finite"):
-        harness.save_checkpoint(str(tmp_path / "ckpt"), tiny, tok, opt, torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 1.0), {"step": 1})
+        tr = common.Trainer(tiny, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), list(tiny.parameters()))
+        harness.save_checkpoint(str(tmp_path / "ckpt"), tr, tok, {"step": 1})
     assert not os.listdir(tmp_path)
 
 
