@@ -157,7 +157,8 @@ def _state(model, opt, params, best):
 
 def save_sharded(path, model, opt, params, best=None):
     """Every rank writes its shards into `path` (a directory that exists on every rank: rundir.atomic_dir)."""
-    dcp.save(_state(model, opt, params, best), checkpoint_id=path)
+    with _one_process_ok():
+        dcp.save(_state(model, opt, params, best), checkpoint_id=path, no_dist=not dist.is_initialized())
 
 
 def load_sharded(path, model, opt, params, with_best):
@@ -165,10 +166,20 @@ def load_sharded(path, model, opt, params, with_best):
     the parts of every tensor that this rank holds. Returns the kept best weights (a list like params) or None."""
     best = [p.detach().clone() for p in params] if with_best else None
     state = _state(model, opt, params, best)
-    dcp.load(state, checkpoint_id=path)
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, opt, state["optim"])
     return [state["best"][n] for n in state["best"]] if with_best else None
+
+
+@contextlib.contextmanager
+def _one_process_ok():
+    """DCP warns when it runs without a process group; one process (--fsdp on one rank, or a resume on one) is
+    intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def is_dcp(path):
