@@ -27,6 +27,8 @@ represented) and llada-8b (the full architecture, random init, bf16: for a GPU).
     python bench.py --plan --config llada-8b                     # d1's per-device diffu-GRPO setting
     python bench.py --plan --config llada-8b --prompt-len 0 --gen-length 4096 --micro-batch-size 1 \
         --lora-targets q_proj,k_proj,v_proj --grad-ckpt            # d1's SFT on s1K, one example per device
+    python bench.py --plan --config llada-8b --lora-r 0 --full-ft-reference --fsdp --world-size 8
+                                                                 # full fine-tuning, sharded over 8 GPUs
 """
 
 import contextlib
@@ -316,13 +318,14 @@ def print_plan(args):
     s = Mem.Setting(cfg, micro_batch=args.micro_batch_size, prompt_len=args.prompt_len, completion_len=args.gen_length,
                     dtype=dtype, lora_r=args.lora_r, lora_targets=D.lora_targets(args.lora_targets),
                     grad_ckpt=args.grad_ckpt, full_ft_reference=args.full_ft_reference,
-                    logp_rows=args.logp_batch_size or args.micro_batch_size)
+                    logp_rows=args.logp_batch_size or args.micro_batch_size, world=args.world_size, fsdp=args.fsdp)
     p = Mem.plan(s)
     fit = Mem.largest_micro_batch(s, args.gpu_gib * Mem.GIB)
     text = (f"## Memory plan: --config {args.config}, {str(dtype).replace('torch.', '')}, LoRA r {args.lora_r} on "
             f"{','.join(s.lora_targets) if args.lora_r else '(full fine-tuning)'}, micro-batch {args.micro_batch_size} "
             f"x ({args.prompt_len} prompt + {args.gen_length} completion tokens), gradient checkpointing "
-            f"{'on' if args.grad_ckpt else 'off'}\n\n{Mem.format_plan(p, args.gpu_gib)}\n\n"
+            f"{'on' if args.grad_ckpt else 'off'}, {args.world_size} rank(s)"
+            f"{', FSDP2 (--fsdp)' if args.fsdp else ''}\n\n{Mem.format_plan(p, args.gpu_gib)}\n\n"
             f"Largest update micro-batch within {args.gpu_gib:.0f} GiB: {fit}\n")
     print(text)
     return p
@@ -368,6 +371,8 @@ def main(argv=None):
     p.add_argument("--full-ft-reference", action="store_true",
                    help="with --lora-r 0: a frozen reference copy (diffu-GRPO with beta > 0)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU")
+    p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) of the run")
+    p.add_argument("--fsdp", action="store_true", help="the run shards over --world-size ranks with FSDP2 (parallel.py)")
     args = ap.parse_args(argv)
     if args.plan:
         return print_plan(args)

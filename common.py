@@ -78,21 +78,11 @@ def reduce_metrics(metrics, world, device):
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
-def broadcast_params(params, world):
-    """Make every rank start from rank 0's weights (and prove they are in sync by construction). Called before
-    parallel.distribute: FSDP2 then shards identical copies."""
-    if world == 1:
-        return
-    for p in params:
-        dist.broadcast(p.data, 0)
-
-
 def distribute(cfg, model, world, device, frozen=None):
-    """The model (and the frozen reference policy, if any) spread over the ranks, DDP or --fsdp (parallel.py), after
-    every rank starts from rank 0's weights. Returns the trainable parameters to build the optimizer on.
-    Full fine-tuning on a GPU computes in bf16 from fp32 master weights (FSDP2's mixed precision with --fsdp)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    broadcast_params(params, world)
+    """The model (and the frozen reference policy, if any) spread over the ranks, DDP or --fsdp (parallel.py).
+    Returns the trainable parameters to build the optimizer on. Every rank starts from the same weights: DDP
+    broadcasts rank 0's; FSDP2 shards copies that are identical by construction (the same checkpoint, the same
+    seeded init). Full fine-tuning on a GPU computes in bf16 from fp32 master weights (FSDP2's mixed precision)."""
     if cfg.fsdp and world == 1:
         print0("--fsdp on one process: nothing to shard over; checkpoints are still written by "
                "torch.distributed.checkpoint, so the run can resume on more ranks")
@@ -153,9 +143,13 @@ def setup_model(args, local_rank=0, seed=0):
 def training_setup(args, device, targets):
     """What sft.py and diffu_grpo.py both start with: (model, tok, params, dtype, autocast).
     LoRA keeps the base in the run's dtype (bf16 on a GPU; adapters fp32); full fine-tuning keeps fp32 master weights
-    and computes in bf16 under autocast on a GPU (a 1e-5 update is below bf16's resolution for most weights)."""
+    and computes in bf16 under autocast on a GPU (a 1e-5 update is below bf16's resolution for most weights).
+    The model is on `device` once common.distribute has run."""
     dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
-    model, tok = build_model(args.model, dtype, device, seed=args.seed)
+    # --fsdp on several ranks: the model is built on the CPU and FSDP2 moves each rank's shards to the device, block
+    # by block (parallel.distribute), so no GPU ever holds the whole fp32 model (nor its reference copy).
+    sharded = args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    model, tok = build_model(args.model, dtype, torch.device("cpu") if sharded else device, seed=args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     params = make_trainable(model, args, targets)
     return model, tok, params, dtype, autocast

@@ -348,7 +348,7 @@ def train(cfg, presets, obj):
     ds, val = training_prompts(cfg)  # a bad data file stops here, before the model loads
     # RL starts from the SFT model when --model is an SFT export or --adapter is given (common.make_trainable).
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
-    check_rl_memory(cfg, model.cfg, dtype, device, obj.copies(cfg))
+    check_rl_memory(cfg, model.cfg, dtype, device, obj.copies(cfg), world)
     policy = Policy(model, copy.deepcopy(model).eval().requires_grad_(False) if not cfg.lora_r and cfg.beta else None)
     params = distribute(cfg, model, world, device, policy.frozen)  # DDP, or FSDP2 with --fsdp (parallel.py)
     tr = make_trainer(model, params, cfg, cfg.max_steps, world, autocast)

@@ -9,11 +9,14 @@ How it is derived (nothing here is a guessed constant per model size):
      sequence T, completion L, d_model, mlp hidden F, heads H, head dim hd, vocab V, LoRA rank r; all chosen
      distinct). Substituting the target config's values scales every tensor exactly: T x d tensors grow with d,
      T x F ones with F, and so on.
-  2. static              weights (dtype) + trainable parameters in fp32 with their gradients and AdamW's two moments
-     (16 bytes each) + a frozen reference copy for full fine-tuning with beta > 0.
+  2. static              weights (dtype) + trainable parameters in fp32 with AdamW's two moments (LoRA: and their
+     gradients, 16 bytes each) + a frozen reference copy for full fine-tuning with beta > 0.
   3. transients          backward of the log-prob/loss head: the logits' gradient arrives from two consumers
-     (logsumexp and gather) in fp32 and is cast to the logits' dtype: 4 + 4 + 2 = 10 bytes per logit element on top
-     of what is saved; backward of one block holds about one block's saved tensors again.
+     (logsumexp and gather) in fp32 and is cast to the logits' dtype: 4 + 4 + 2 = 10 bytes per logit element (8 in
+     fp32) on top of what is saved; backward of one block holds about one block's saved tensors again. Full
+     fine-tuning's fp32 gradients grow while the backward pass frees the activations, so they count only where they
+     exceed them.
+  4. sharding (--fsdp)   weights, gradients and optimizer state 1/world each, plus what FSDP2 gathers whole.
   The update micro-batch's peak is static + n_layers x block + head + transients (with gradient checkpointing: one
   block input per layer + one block's saved set). The no-grad old/reference passes are also planned: logits of
   --logp-batch-size rows in bf16 and fp32 (6 bytes per element).
@@ -49,6 +52,8 @@ class Setting:
     grad_ckpt: bool = False
     full_ft_reference: bool = False  # full fine-tuning with beta > 0 keeps a frozen copy
     logp_rows: int = 0  # rows per no-grad log-prob forward (diffu-GRPO's --logp-batch-size); 0 = none
+    world: int = 1  # ranks; with fsdp, what each rank holds of the weights and optimizer state is 1/world
+    fsdp: bool = False  # --fsdp (parallel.py): FSDP2 shards; without it every rank holds everything (DDP)
 
 
 def _symbols(cfg, s):
@@ -146,32 +151,53 @@ def trainable_params(cfg, lora_r, lora_targets):
 
 
 def plan(s):
-    """{part: bytes} for one rank, and 'total' (the larger of the update's peak and the no-grad passes' peak)."""
+    """{part: bytes} for one rank, and 'total' (the larger of the update's peak and the no-grad passes' peak).
+    With fsdp (FSDP2 over s.world ranks) the weights, gradients and AdamW state are 1/world each, plus what is
+    gathered whole: in the update, the root's weights (embeddings, head, final norm) and two blocks (the one running
+    and the one prefetched) in the compute dtype, and one block's unsharded gradients before the reduce-scatter;
+    in the no-grad passes (rollouts, old and reference estimates: parallel.gathered) the whole model; and the
+    gradients not yet reduce-scattered."""
     cfg, v = s.cfg, _symbols(s.cfg, s)
     block_saved, head_saved = probe(s.dtype, s.lora_r, s.lora_targets)
-    n_params = sum(p.numel() for p in _meta_params(cfg))
+    params = _meta_params(cfg)
+    n_params = sum(p.numel() for p in params)
+    n_block = sum(p.numel() for p in _meta_block_params(cfg))
+    shard = s.world if s.fsdp else 1
+    per = f" (1/{shard} each)" if shard > 1 else ""
     esize = torch.empty((), dtype=s.dtype if s.lora_r else torch.float32).element_size()
-    out = {"weights": n_params * esize}
+    csize = torch.empty((), dtype=s.dtype).element_size()  # compute dtype: full fine-tuning gathers bf16 copies
+    out = {"weights" + per: n_params * esize / shard}
     if s.full_ft_reference and not s.lora_r:
-        out["frozen reference copy"] = n_params * esize
+        out["frozen reference copy" + per] = n_params * esize / shard
     n_train = trainable_params(cfg, s.lora_r, s.lora_targets)
     if s.lora_r:
-        out["LoRA params, grads, AdamW (fp32)"] = 16 * n_train
-    else:  # the weights above are the fp32 master copy
-        out["grads, AdamW (fp32)"] = 12 * n_train
+        out["LoRA params, grads, AdamW (fp32)" + per] = 16 * n_train / shard
+    else:  # the weights above are the fp32 master copy; the gradients come below
+        out["AdamW moments (fp32)" + per] = 8 * n_train / shard
     static = sum(out.values())
+    if shard > 1:
+        out["gathered for the update (root + 2 blocks)"] = (n_params - cfg.n_layers * n_block + 2 * n_block) * csize
+        # The head's gradient is whole (fp32 at the reduce) from the start of the backward pass, with the activations.
+        out["the head's unsharded gradient"] = 0 if s.lora_r else 4 * cfg.embedding_size * cfg.d_model
     block = _bytes(block_saved, v)
     if s.grad_ckpt:
-        out["activations (checkpointed: block inputs + one block)"] = \
-            cfg.n_layers * v["b"] * v["T"] * cfg.d_model * torch.empty((), dtype=s.dtype).element_size() + block
+        act = cfg.n_layers * v["b"] * v["T"] * cfg.d_model * torch.empty((), dtype=s.dtype).element_size() + block
+        out["activations (checkpointed: block inputs + one block)"] = act
     else:
-        out["activations (saved by autograd, all blocks)"] = cfg.n_layers * block
-    out["head and loss (saved)"] = _bytes(head_saved, v)
+        out["activations (saved by autograd, all blocks)"] = act = cfg.n_layers * block
+    out["head and loss (saved)"] = head = _bytes(head_saved, v)
     logits = v["b"] * v["L"] * v["V"]
-    out["backward transients (logit gradients, one block)"] = 10 * logits + block
+    cast = csize if csize < 4 else 0  # fp32 logit gradients cast to the logits' dtype (none in fp32)
+    out["backward transients (logit gradients, one block)"] = trans = (8 + cast) * logits + block
+    if not s.lora_r:
+        # Full fine-tuning's fp32 gradients (1/world each with FSDP2, plus one block's whole before its reduce-scatter)
+        # fill up as the backward pass frees the activations: what they add is what exceeds the activations.
+        grads = 4 * n_train / shard + (4 * n_block if shard > 1 else 0)
+        out["gradients (fp32) beyond the activations they replace"] = max(0.0, grads - (act + head + trans))
     out["update peak"] = sum(out.values())
     if s.logp_rows:
-        out["no-grad log-prob pass peak"] = static + 6 * s.logp_rows * v["L"] * v["V"]
+        gathered = n_params * csize if shard > 1 else 0  # the whole model, gathered once (parallel.gathered)
+        out["no-grad log-prob pass peak"] = static + gathered + 6 * s.logp_rows * v["L"] * v["V"]
     out["total"] = max(out["update peak"], out.get("no-grad log-prob pass peak", 0))
     return out
 
@@ -179,6 +205,11 @@ def plan(s):
 def _meta_params(cfg):
     with torch.device("meta"):
         return list(M.LLaDA(cfg).parameters())
+
+
+def _meta_block_params(cfg):
+    with torch.device("meta"):
+        return list(M.Block(cfg).parameters())
 
 
 def largest_micro_batch(s, budget_bytes, limit=1024):
@@ -215,18 +246,19 @@ def check_fits(s, device, force=False, budget_bytes=None):
     if p["total"] > budget_bytes and not force:
         mb = largest_micro_batch(s, budget_bytes)
         fix = (f"--micro-batch-size {mb}" if mb else "LoRA (--lora-r 128)") + \
-            ("" if s.grad_ckpt else ", or --grad-ckpt")
+            ("" if s.grad_ckpt else ", or --grad-ckpt") + ("" if s.fsdp else ", or --fsdp on several GPUs")
         raise SystemExit(f"the memory plan exceeds the GPU's memory ({p['total'] / GIB:.1f} > "
                          f"{budget_bytes / GIB:.1f} GiB per rank):\n{format_plan(p)}\nFlags that would fit: {fix}. "
                          f"Or pass --force to run anyway.")
     return p
 
 
-def check_rl_memory(cfg, model_cfg, dtype, device, copies=1):
+def check_rl_memory(cfg, model_cfg, dtype, device, copies=1, world=1):
     """diffu_grpo.py's plan (a GRPOConfig, with `copies` masked copies of each row per forward batch: 1 for d1)
     against the GPU's memory; stops before the first step if it does not fit, unless --force."""
     targets = lora_targets(cfg.lora_targets)
     check_fits(Setting(model_cfg, micro_batch=cfg.micro_batch_size * copies, prompt_len=cfg.max_prompt_length or 256,
                        completion_len=cfg.gen_length, dtype=dtype, lora_r=cfg.lora_r, lora_targets=targets,
                        grad_ckpt=cfg.grad_ckpt, full_ft_reference=not cfg.lora_r and cfg.beta > 0,
-                       logp_rows=(cfg.logp_batch_size or cfg.micro_batch_size) * copies), device, cfg.force)
+                       logp_rows=(cfg.logp_batch_size or cfg.micro_batch_size) * copies, world=world,
+                       fsdp=cfg.fsdp), device, cfg.force)

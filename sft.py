@@ -179,7 +179,7 @@ def main(argv=None):
     model, tok, params, dtype, autocast = training_setup(cfg, device, lora_targets(cfg.lora_targets))
     check_fits(Setting(model.cfg, micro_batch=cfg.micro_batch_size, prompt_len=0, completion_len=cfg.max_length,
                        dtype=dtype, lora_r=cfg.lora_r, lora_targets=lora_targets(cfg.lora_targets),
-                       grad_ckpt=cfg.grad_ckpt), device, cfg.force)
+                       grad_ckpt=cfg.grad_ckpt, world=world, fsdp=cfg.fsdp), device, cfg.force)
     params = distribute(cfg, model, world, device)  # DDP, or FSDP2 with --fsdp (parallel.py)
     (ids, plens), (val_ids, val_plens) = tokenized(cfg, tok, rows, held, model.cfg.eos_token_id)
     N, T = ids.shape

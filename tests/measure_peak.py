@@ -4,6 +4,8 @@ Run as a subprocess with MALLOC_MMAP_THRESHOLD_ set (so freed tensors go back to
 follows live memory): builds a small bf16 model, runs one update to create the optimizer state, then samples the
 resident set every 0.2 ms during a second update and prints the peak above the level before it, in bytes, as JSON.
     python tests/measure_peak.py D_MODEL N_LAYERS MLP VOCAB MICRO_BATCH PROMPT COMPLETION LORA_R GRAD_CKPT DTYPE
+With a last argument `fsdp`, run under torchrun: the model is sharded over the ranks with FSDP2 (parallel.py) and
+each rank prints its own peak.
 """
 import json
 import os
@@ -14,8 +16,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import diffu_grpo as D  # noqa: E402
 import model as M  # noqa: E402
+import parallel  # noqa: E402
 
 
 def rss():
@@ -23,7 +27,7 @@ def rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def main(d, layers, mlp, vocab, b, P, L, r, ckpt, dtype):
+def main(d, layers, mlp, vocab, b, P, L, r, ckpt, dtype, fsdp=False):
     torch.set_num_threads(1)
     cfg = M.LLaDAConfig(d_model=d, n_layers=layers, n_heads=d // 64, n_kv_heads=d // 64, mlp_hidden_size=mlp,
                         vocab_size=vocab, embedding_size=vocab, mask_token_id=vocab - 1, eos_token_id=vocab - 2,
@@ -34,6 +38,9 @@ def main(d, layers, mlp, vocab, b, P, L, r, ckpt, dtype):
     model.gradient_checkpointing = bool(ckpt)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    if fsdp:
+        _, _, world, device = common.compute_init("cpu")
+        params = parallel.distribute(model, True, world, device)
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     prompt, comp = torch.randint(0, vocab - 2, (b, P), generator=g), torch.randint(0, vocab - 2, (b, L), generator=g)
@@ -65,4 +72,4 @@ def main(d, layers, mlp, vocab, b, P, L, r, ckpt, dtype):
 
 
 if __name__ == "__main__":
-    main(*[int(x) for x in sys.argv[1:10]], sys.argv[10])
+    main(*[int(x) for x in sys.argv[1:10]], sys.argv[10], sys.argv[11:] == ["fsdp"])
