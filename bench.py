@@ -32,20 +32,23 @@ represented) and llada-8b (the full architecture, random init, bf16: for a GPU).
 """
 
 import contextlib
+import copy
 import math
+import os
 import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import Trainer, cli
+from common import Trainer, cli, compute_init
 from config import HelpFormatter, Parser
 from rewards import weighted_rewards
 
 import diffu_grpo as D
 import memory as Mem
 import model as M
+import parallel as P
 import sample as S
 
 CONFIGS = {
@@ -249,14 +252,22 @@ PHASES = {"generation": ["rollout"], "rewards": ["rewards"], "old + ref log-prob
 def bench_grpo(model, tok, args, device, sections):
     """One rollout batch of diffu-GRPO (rl_step, timed by its own clock) and, unless --skip-d1, the same batch
     stepped the way d1's trainer does it (d1_style_step), alternating --repeat times from the same weights."""
-    M.apply_lora(model, args.lora_r, 64.0, 0.05, targets=D.lora_targets(args.lora_targets),
-                 generator=torch.Generator().manual_seed(0))
+    if args.lora_r:
+        M.apply_lora(model, args.lora_r, 64.0, 0.05, targets=D.lora_targets(args.lora_targets),
+                     generator=torch.Generator().manual_seed(0))
+    else:
+        model.requires_grad_(True)
     cfg = rl_config(args)
     from data import load_task
     rows = [load_task("sudoku", "train", n=1)[0]]
-    params = [p for p in model.parameters() if p.requires_grad]
+    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun: DDP, or FSDP2 with --fsdp (parallel.py)
+    # Full fine-tuning with beta > 0 keeps a frozen reference copy (sharded too with --fsdp), as diffu_grpo.py does.
+    policy_ref = copy.deepcopy(model).requires_grad_(False) if not args.lora_r and args.beta else None
+    if policy_ref is not None:
+        P.distribute(policy_ref, args.fsdp, world, device)
+    params = P.distribute(model, args.fsdp, world, device)
     start = [p.detach().clone() for p in params]
-    policy = D.Policy(model)
+    policy = D.Policy(model, policy_ref)
     runs = []
     for _ in range(args.repeat):
         for who in (["d1"] if not args.skip_d1 else []) + ["ours"]:
@@ -271,7 +282,7 @@ def bench_grpo(model, tok, args, device, sections):
                 (t, total) = timed(lambda: d1_style_step(policy, opt, params, rows, tok, cfg, gens, device), device)
             else:
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-                tr = Trainer(model, opt, sched, params)
+                tr = Trainer(model, opt, sched, params, world)
                 (metrics, _), total = timed(lambda: D.rl_step(policy, tr, rows, tok, cfg, gens), device)
                 t = {k: sum(metrics[f"time/{n}"] for n in names) for k, names in PHASES.items()}
             t["whole step"] = total
@@ -281,7 +292,9 @@ def bench_grpo(model, tok, args, device, sections):
     L, N = args.gen_length, args.batch
     head = (f"diffu-GRPO step: {N} completions of one Sudoku prompt (<= {args.prompt_len} tokens), gen {L}, block "
             f"{args.block_length}, {args.steps} steps, T {args.temperature}, mu {args.mu}, beta {args.beta}, "
-            f"LoRA r {args.lora_r} on {args.lora_targets}, micro-batch {N}; mean of {args.repeat} run(s)")
+            f"LoRA r {args.lora_r} on {args.lora_targets}, micro-batch {N}; mean of {args.repeat} run(s)"
+            + (f"; rank 0 of {world}, {'FSDP2' if args.fsdp else 'DDP'}" if world > 1 else "")
+            + ("" if P.GATHER_ONCE or not args.fsdp else ", weights gathered at every forward pass"))
     out = ""
     if "logprob" in sections:
         out += table("One-step log-prob estimator (forward only, whole rollout batch)", ["rows", "s / pass"],
@@ -372,13 +385,21 @@ def main(argv=None):
                    help="with --lora-r 0: a frozen reference copy (diffu-GRPO with beta > 0)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU")
     p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) of the run")
-    p.add_argument("--fsdp", action="store_true", help="the run shards over --world-size ranks with FSDP2 (parallel.py)")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (parallel.py): planned over --world-size "
+                   "ranks with --plan; timed (grpo section) when launched with torchrun")
+    p.add_argument("--gather-every-pass", action="store_true", help="with --fsdp: gather the weights at every "
+                   "forward pass of the rollout and the old/ref passes, as plain FSDP2 does (to time what "
+                   "parallel.gathered saves)")
     args = ap.parse_args(argv)
     if args.plan:
         return print_plan(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rank, _, world, device = compute_init(args.device)
+    if world > 1 and not args.skip_d1:
+        raise M.UsageError("under torchrun, time only ours: pass --skip-d1 (the d1-style step is one process)")
+    P.GATHER_ONCE = not args.gather_every_pass
+    dtype = getattr(torch, args.dtype)
     tok = M.tiny_tokenizer()  # token ids < 104 are valid in any config; the vocabulary size is the config's
     cfg = M.LLaDAConfig(**CONFIGS[args.config], mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id)
@@ -396,6 +417,8 @@ def main(argv=None):
         report += bench_sampler(model, prompt, attn, args, device) + "\n"
     if "logprob" in args.sections or "grpo" in args.sections:
         report += bench_grpo(model, tok, args, device, args.sections) + "\n"
+    if rank:
+        return
     print(report)
     if args.out:
         with open(args.out, "a") as f:

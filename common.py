@@ -68,6 +68,12 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
+def peak_memory(device):
+    """{'peak_mem_gib': the most GPU memory this rank has allocated so far} on a GPU, {} on the CPU: logged with every
+    step, so a run's metrics.jsonl says what it needed (compare the memory plan, bench.py --plan)."""
+    return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+
+
 def reduce_metrics(metrics, world, device):
     """Mean of every metric over ranks (for logging only)."""
     if world == 1:
@@ -104,6 +110,8 @@ def lora_targets(spec):
 def resolve_device(spec="auto", local_rank=0):
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if spec == "cuda":  # each torchrun rank its own GPU
+        return torch.device(f"cuda:{local_rank}")
     return torch.device(spec)
 
 

@@ -51,7 +51,7 @@ import torch.distributed as dist
 import config
 import model as M
 from common import (batch_for, batch_generators, cli, compute_init, distribute, lora_targets, make_trainer,
-                    optimizer_step, print0, reduce_metrics, training_setup, warn_once)
+                    optimizer_step, peak_memory, print0, reduce_metrics, training_setup, warn_once)
 from config import option, parse_config, require, shared
 from harness import Run, next_commands
 from rundir import prepare_run_dir
@@ -377,7 +377,8 @@ def train(cfg, presets, obj):
                                    batch_generators(cfg.seed, rank, b, device), obj)
         if cfg.skip_nonfinite:
             metrics["nonfinite_skipped"] = tr.skipped
-        metrics = reduce_metrics({**metrics, "step_time": time.perf_counter() - t0}, world, device)
+        metrics = reduce_metrics({**metrics, "step_time": time.perf_counter() - t0, **peak_memory(device)}, world,
+                                 device)  # (the mean over ranks, peak memory included)
         if validate and run.every(step, cfg.eval_every):
             metrics.update(validate())
             run.evaluated(step, metrics["eval_accuracy"])

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
+GATHER_ONCE = True  # False: gathered() is a no-op, so each forward pass gathers (bench.py --gather-every-pass)
 # A plain (unsharded) twin of each sharded model, on the meta device, for the export (full_model).
 _TWINS = weakref.WeakKeyDictionary()
 
@@ -113,7 +114,8 @@ def gathered(*models):
     back. For grad-free passes (a backward inside would not reduce-scatter as training does). A no-op for a model
     that is not sharded."""
     from torch.distributed.fsdp import FSDPModule
-    mods = [m for model in models if is_sharded(model) for m in model.modules() if isinstance(m, FSDPModule)]
+    mods = [m for model in models if is_sharded(model) and GATHER_ONCE
+            for m in model.modules() if isinstance(m, FSDPModule)]
     for m in mods:
         m.set_reshard_after_forward(False)
         m.unshard()

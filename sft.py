@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 import config
 import model as M
-from common import (batch_for, cli, compute_init, distribute, lora_targets, make_trainer, optimizer_step, print0,
-                    training_setup)
+from common import (batch_for, cli, compute_init, distribute, lora_targets, make_trainer, optimizer_step, peak_memory,
+                    print0, training_setup)
 from config import option, parse_config, require, shared
 from data import BLANKS, sft_split
 from harness import Run, next_commands
@@ -207,7 +207,7 @@ def main(argv=None):
         starts = maskable_start(plens[idx], coin, cfg.objective)
         metrics = train_step(tr, ids[idx].to(device), starts.to(device), t.to(device), u.to(device),
                              cfg.micro_batch_size, cfg.eps, cfg.loss_norm)
-        metrics["step_time"] = time.perf_counter() - t0
+        metrics.update(step_time=time.perf_counter() - t0, **peak_memory(device))
         if cfg.skip_nonfinite:
             metrics["nonfinite_skipped"] = tr.skipped
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
