@@ -189,8 +189,7 @@ class Policy:
     adapters off; full fine-tuning -> a frozen copy of the starting weights. Counts the reference estimates."""
 
     def __init__(self, model, full_ft_reference=None):
-        self.model, self.frozen = model, full_ft_reference
-        self.ref_passes = 0
+        self.model, self.frozen, self.ref_passes = model, full_ft_reference, 0
 
     def ref_context(self):
         return M.lora_disabled(self.model) if self.frozen is None else contextlib.nullcontext()
@@ -371,14 +370,13 @@ def train(cfg, presets, obj):
         run.evaluated(0, v["eval_accuracy"])
     for step in run.steps():
         t0, b = time.perf_counter(), step // mu - 1  # b: the rollout batch that ends at this optimizer step
-        # The global rollout batch (prompt indices), then this rank's prompts_per_step of them.
+        # The global rollout batch (prompt indices), then this rank's prompts_per_step of them:
         idx = batch_for(b, per_rank * world, len(ds), cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
         metrics, samples = rl_step(policy, tr, [ds[int(i)] for i in idx], tok, cfg,
                                    batch_generators(cfg.seed, rank, b, device), obj)
-        if cfg.skip_nonfinite:
-            metrics["nonfinite_skipped"] = tr.skipped
-        metrics = reduce_metrics({**metrics, "step_time": time.perf_counter() - t0, **peak_memory(device)}, world,
-                                 device)  # (the mean over ranks, peak memory included)
+        metrics.update(step_time=time.perf_counter() - t0, **peak_memory(device),
+                       **({"nonfinite_skipped": tr.skipped} if cfg.skip_nonfinite else {}))
+        metrics = reduce_metrics(metrics, world, device)  # the mean over ranks (logging only)
         if validate and run.every(step, cfg.eval_every):
             metrics.update(validate())
             run.evaluated(step, metrics["eval_accuracy"])
