@@ -55,6 +55,8 @@ CONFIGS = {
     "cpu-small": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=768, vocab_size=126464,
                       embedding_size=126464, max_sequence_length=4096),
     "llada-8b": dict(),  # LLaDAConfig's defaults are LLaDA-8B's
+    "dream-7b": dict(d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, mlp_hidden_size=18944, vocab_size=152064,
+                     embedding_size=152064, rope_theta=1e6, rms_norm_eps=1e-6, max_sequence_length=4096, arch="dream"),
 }
 
 
@@ -326,7 +328,7 @@ def bench_grpo(model, tok, args, device, sections):
 
 def print_plan(args):
     """The memory plan of one rank for the given settings, and the largest micro-batch within --gpu-gib."""
-    dtype = torch.bfloat16 if args.dtype == "float32" and args.config == "llada-8b" else getattr(torch, args.dtype)
+    dtype = torch.bfloat16 if args.dtype == "float32" and args.config != "cpu-small" else getattr(torch, args.dtype)
     cfg = M.LLaDAConfig(**CONFIGS[args.config])
     s = Mem.Setting(cfg, micro_batch=args.micro_batch_size, prompt_len=args.prompt_len, completion_len=args.gen_length,
                     dtype=dtype, lora_r=args.lora_r, lora_targets=D.lora_targets(args.lora_targets),

@@ -32,8 +32,9 @@ def option(default, help, group, **argparse_kw):
 
 # The knobs both trainers have, described once: option(default, *SHARED[name]) in each config class.
 SHARED = {
-    "model": ("'tiny' (a random CPU-sized model, character tokenizer), a local checkpoint directory in the official "
-              "layout (an export of sft.py or diffu_grpo.py included), or a hub id", "model"),
+    "model": ("'tiny' (a random CPU-sized LLaDA, character tokenizer), 'tiny-dream' (the same, Dream's variant), a "
+              "local checkpoint directory in the official layout of LLaDA or Dream (an export of sft.py or "
+              "diffu_grpo.py included), or a hub id", "model"),
     "preset": ("which preset fills the flags you do not give: auto = tiny for --model tiny and for exports of tiny "
                "runs, d1 otherwise", "model", dict(choices=["auto", "d1", "tiny"])),
     "adapter": ("a LoRA adapter (directory or .safetensors) applied on top of --model", "model", dict(type=str)),
@@ -215,7 +216,7 @@ def model_scale(name, preset="auto"):
     (meta.json), so the SFT model of a tiny run gets the tiny RL recipe."""
     if preset != "auto":
         return preset
-    if name == "tiny":
+    if name in ("tiny", "tiny-dream"):
         return "tiny"
     meta = os.path.join(name, "meta.json")
     if os.path.isfile(meta):

@@ -356,7 +356,7 @@ def train(cfg, presets, obj):
     print0(f"{obj.name} on {cfg.task} (preset {'+'.join(presets)}): {len(ds)} prompts, {per_rank * world} per "
            f"rollout batch x G={cfg.num_generations} | {knobs}, temperature={cfg.temperature} | "
            f"{sum(p.numel() for p in params):,} trainable params | world {world}")
-    if cfg.model == "tiny" and not cfg.adapter:
+    if cfg.model in ("tiny", "tiny-dream") and not cfg.adapter:
         print0("note: --model tiny is a random model, which earns no reward on d1's tasks (it never writes the "
                "answer format); start RL from an SFT export: python sft.py --model tiny, then --model out/sft/final")
     run = Run(cfg, tr, tok, cfg.max_steps, obj.name, stride=mu, keep_best=cfg.keep_best,

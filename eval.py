@@ -48,7 +48,7 @@ from data import EVAL_PREFILL, TASKS, add_sudoku_args, load_task, sudoku_kwargs
 from data.d1_eval import PREFILL as D1_PREFILL, load_d1_eval
 from rundir import check_out_dir, claim, release_out_dir
 from sample import (add_sampling_args, check_sampling, completion_mask, decode_completions, generate, pad_left,
-                    render_prompts)
+                    render_prompts, sampling_kwargs)
 from scoring import score, sudoku_puzzle_of
 
 SCORINGS = ("d1", "ours")
@@ -232,9 +232,8 @@ def evaluate(model, tok, device, task, rows, L, args, rank, world, out_dir):
         # Sampling noise (temperature > 0, random remasking) from a generator seeded by (--seed, first item of the
         # batch): batches draw different noise, and a resumed run redraws exactly what the interrupted one drew.
         g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + idx[0])
-        out = generate(model, ids, mask, gen_length=L, block_length=min(args.block_length, L), steps=steps,
-                       temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                       threshold=args.threshold, prefix_cache=args.prefix_cache, generator=g)
+        out = generate(model, ids, mask, **{**sampling_kwargs(args), "gen_length": L, "steps": steps,
+                                            "block_length": min(args.block_length, L)}, generator=g)
         dt = time.perf_counter() - t0
         texts = decode_for_scoring(tok, out.completion, eos, args.protocol)
         lengths = completion_mask(out.completion, eos).sum(1).tolist()
@@ -272,7 +271,8 @@ def merge(out_dir, scoring):
 # is how an interrupted run resumes), so those items must come from the same model and settings.
 RUN_KEYS = ("protocol", "model", "adapter", "dtype", "data_path", "prompt_style", "prefill", "data_seed", "blanks",
             "block_length",
-            "steps", "temperature", "cfg_scale", "remasking", "threshold", "prefix_cache", "seed")
+            "steps", "temperature", "cfg_scale", "remasking", "threshold", "prefix_cache", "seed", "alg", "alg_temp",
+            "top_p", "top_k")
 
 
 def check_run_config(args, rank):
@@ -348,8 +348,9 @@ def get_args(argv=None):
         ap.error(f"--data-path {bare[0]}: with --task all or several paths, name the task: gsm8k={bare[0]}")
     for L in args.gen_length:
         try:
-            check_sampling(L, min(args.block_length, L), args.steps or L // 2, args.temperature, args.cfg_scale,
-                           args.remasking, args.threshold)
+            block = L if args.alg else min(args.block_length, L)  # Dream's sampler has no blocks
+            check_sampling(L, block, args.steps or L // 2, args.temperature, args.cfg_scale, args.remasking,
+                           args.threshold, args.alg)
         except ValueError as e:
             ap.error(str(e))
     if args.limit is not None and args.limit < 1 or args.batch_size < 1:
@@ -401,6 +402,11 @@ def main(argv=None):
     claim(args.out_dir)  # one live evaluation per out-dir: two would append to the same files
     check_run_config(args, rank)
     model, tok, device = setup_model(args, local_rank)
+    if model.cfg.arch == "dream" and args.alg is None:
+        # A Dream model decodes with Dream's sampler by default, by negative entropy: deterministic at temperature 0
+        # (diffusion_generate's own default, origin, commits random positions)
+        args.alg = "entropy"
+        print0("Dream model: Dream's sampler (--alg entropy, the whole canvas; --block-length does not apply)")
     with torch.no_grad():
         announce(model, tok, device, rows, args, world)
         for task in tasks:

@@ -13,6 +13,10 @@ Reading and writing it on disk (the official checkpoint layout, adapters, PEFT, 
 LLaDA is Llama without the causal mask: every position attends to every other position, and the network is
 trained to predict the original token at every [MASK] position. Generation (sample.py) starts from an all-mask
 canvas and unmasks it over a number of steps.
+
+Dream-7B (cfg.arch == "dream") is the same network with three differences, each marked where it acts: biases on
+q, k and v; positions counted from each row's first real token; and the logit shift (Dream kept Qwen's next-token
+head, so the prediction for position j comes from position j - 1). weights.py renames its checkpoint's keys.
 """
 
 import contextlib
@@ -56,12 +60,24 @@ class LLaDAConfig:
     mask_token_id: int = LLADA_MASK_ID
     eos_token_id: int = 126081
     pad_token_id: int = 126081
+    # "llada", or "dream": Dream-7B (Qwen2.5-7B's shapes) is the same network with three differences, each marked
+    # `cfg.arch == "dream"` below: biases on the q, k and v projections; positions counted from the first real
+    # token of a left-padded row; and the logit shift (its head predicts the NEXT token, kept from Qwen).
+    arch: str = "llada"
     # other config.json fields, kept so that a round trip loses nothing
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
+
+    # Dream's config.json names (Qwen2's) -> ours.
+    _DREAM_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                    "num_key_value_heads": "n_kv_heads", "intermediate_size": "mlp_hidden_size",
+                    "vocab_size": "embedding_size", "rope_theta": "rope_theta", "rms_norm_eps": "rms_norm_eps",
+                    "tie_word_embeddings": "weight_tying", "max_position_embeddings": "max_sequence_length",
+                    "mask_token_id": "mask_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id"}
+    _DREAM_REQUIRED = {"hidden_act": "silu", "rope_scaling": None, "use_sliding_window": False}
 
     # Settings of the official code we do not implement. (field, value we require)
     _REQUIRED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "include_bias": False,
@@ -70,6 +86,8 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, d):
+        if str(d.get("model_type", "")).lower() == "dream":
+            return cls._from_dream(d)
         for key, want in cls._REQUIRED.items():
             if key in d and d[key] is not None and d[key] != want:
                 raise ValueError(f"config.json: {key}={d[key]!r} is not supported by this implementation "
@@ -86,7 +104,27 @@ class LLaDAConfig:
                              "must satisfy d_model % n_heads == 0 and n_heads % n_kv_heads == 0")
         return cfg
 
+    @classmethod
+    def _from_dream(cls, d):
+        for key, want in cls._DREAM_REQUIRED.items():
+            if d.get(key, want) != want:
+                raise ValueError(f"config.json: {key}={d[key]!r} is not supported by this implementation "
+                                 f"(Dream-7B uses {key}={want!r})")
+        kw = {ours: d[theirs] for theirs, ours in cls._DREAM_NAMES.items() if d.get(theirs) is not None}
+        # Dream's vocab_size is its embedding's rows (152,064 for the 7B, more than the tokenizer's tokens)
+        cfg = cls(**kw, vocab_size=kw.get("embedding_size", cls.embedding_size), arch="dream",
+                  extra={k: v for k, v in d.items() if k not in cls._DREAM_NAMES})
+        if cfg.d_model % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError(f"config.json: hidden_size={cfg.d_model}, num_attention_heads={cfg.n_heads}, "
+                             f"num_key_value_heads={cfg.n_kv_heads} do not divide")
+        return cfg
+
     def to_dict(self):
+        if self.arch == "dream":  # Dream's own names; model_type, auto_map etc. come back from `extra`
+            d = {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_act": "silu", "rope_scaling": None,
+                 "use_sliding_window": False, "attention_dropout": 0.0, **self.extra}
+            d.update({theirs: getattr(self, ours) for theirs, ours in self._DREAM_NAMES.items()})
+            return d
         # The official field names, so the official modeling code loads our checkpoints.
         d = {"model_type": "llada", "architectures": ["LLaDAModelLM"],
              "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
@@ -96,7 +134,7 @@ class LLaDAConfig:
              "residual_dropout": 0.0, "embedding_dropout": 0.0, "layer_norm_with_affine": True,
              "bias_for_layer_norm": False}
         d.update(self.extra)
-        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "arch")})
         return d
 
 
@@ -121,12 +159,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions, head_dim, theta):
-    """Rotary embedding angles (Su et al. 2021) for integer positions (T,) -> cos, sin of shape (T, head_dim), fp32.
+    """Rotary embedding angles (Su et al. 2021) for integer positions (T,) or (B, T) -> cos, sin (..., head_dim), fp32.
     inv_freq_i = theta^(-2i/head_dim) for i < head_dim/2; the angles are duplicated as cat(freqs, freqs) because
     LLaDA uses the rotate-half layout (the head dim is split into two halves, not interleaved pairs)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, head_dim)
     return emb.cos(), emb.sin()
 
 
@@ -150,9 +188,10 @@ class Block(nn.Module):
         self.cfg = cfg
         D, hd = cfg.d_model, cfg.head_dim
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(D, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(D, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(D, cfg.n_kv_heads * hd, bias=False)
+        qkv_bias = cfg.arch == "dream"  # Dream (Qwen2) has biases on q, k and v (and nowhere else); LLaDA has none
+        self.q_proj = nn.Linear(D, cfg.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(D, cfg.n_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(D, cfg.n_kv_heads * hd, bias=qkv_bias)
         self.attn_out = nn.Linear(cfg.n_heads * hd, D, bias=False)
         self.ff_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.ff_proj = nn.Linear(D, cfg.mlp_hidden_size, bias=False)  # the GATE: SiLU is applied to this one
@@ -223,7 +262,15 @@ class LLaDA(nn.Module):
             assert attention_mask.shape == (B, P + T), f"attention_mask {tuple(attention_mask.shape)} != {(B, P + T)}"
             if not bool(attention_mask.all()):
                 key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and queries
-        cos, sin = rope_cos_sin(torch.arange(P, P + T, device=input_ids.device), self.cfg.head_dim, self.cfg.rope_theta)
+        positions = torch.arange(P, P + T, device=input_ids.device)
+        if self.cfg.arch == "dream" and key_mask is not None:
+            # Dream counts each row's positions from its first real token: cumsum(mask) - 1 (pads get 1; never read).
+            # LLaDA's official code keeps 0 .. T-1 whatever the padding.
+            pos = attention_mask.long().cumsum(-1) - 1
+            positions = pos.masked_fill(attention_mask == 0, 1)[:, P:]  # (B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         h = self.model.transformer.wte(input_ids)  # (B, T, D)
         kvs = []
         for i, block in enumerate(self.model.transformer.blocks):
@@ -234,6 +281,15 @@ class LLaDA(nn.Module):
                 h, kv = block(h, cos, sin, key_mask, past)
             if return_kv:
                 kvs.append(kv)
+        if self.cfg.arch == "dream":
+            # The logit shift. Dream's head predicts token i + 1 at position i (Qwen's next-token head): position j's
+            # prediction is read from position j - 1, and position 0 reuses its own. Aligned here, once, on the
+            # hidden states (ln_f and the head act per position), every consumer (the sampler, the estimators, the SFT
+            # loss, evaluation) reads logits[:, j] as the prediction for token j, for LLaDA and Dream alike.
+            if past_kv is not None:
+                raise UsageError("the prefix cache does not apply to Dream: position P's prediction comes from the "
+                                 "cached position P - 1")
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
         if logits_slice is not None:
             h = h[:, logits_slice]
         if logits_index is not None:
@@ -246,15 +302,17 @@ class LLaDA(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator=None, std=None):
-        """Random init for tiny models and benchmarks: ones for the norms, normal(0, 1/sqrt(fan_in)) for every matrix
-        (a Linear's weight is (out, in) and an embedding's (vocab, d_model), so fan_in is shape[-1]), or normal(0, std)
-        if `std` is given. Why fan-in and not a fixed 0.02: at the tiny width (128) 0.02 is 4x below the fan-in scale,
+        """Random init for tiny models and benchmarks: ones for the norms, normal(0, 0.1) for Dream's q/k/v biases,
+        normal(0, 1/sqrt(fan_in)) for every matrix (a Linear's weight is (out, in) and an embedding's (vocab,
+        d_model), so fan_in is shape[-1]), or normal(0, std) if `std` is given. Why fan-in and not a fixed 0.02: at the tiny width (128) 0.02 is 4x below the fan-in scale,
         the attention logits start near 0 (~0.05), and the tiny Sudoku model then sat on a loss plateau (digits
         learned, given cells not yet copied) for 250 to 400+ steps, exiting at a step that changed with the CPU's
         float rounding. With fan-in init the same runs left it by step 50-75 (docs/tiny_sudoku_rl_probes.md, 4).
         """
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith("proj.bias"):  # Dream's q/k/v biases: small, but not zero (a test must see them)
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * 0.1)
+            elif p.dim() == 1:
                 p.fill_(1.0)
             else:
                 s = std if std is not None else p.shape[-1] ** -0.5
@@ -323,21 +381,39 @@ class LoRALinear(nn.Module):
         return (self.weight.float() + self.delta()).to(dtype)
 
 
+# Dream's module names (Qwen2's) for ours: LoRA targets and PEFT adapters of a Dream model use them.
+_DREAM_LEAVES = {"attn_out": "o_proj", "ff_proj": "gate_proj", "up_proj": "up_proj", "q_proj": "q_proj",
+                 "k_proj": "k_proj", "v_proj": "v_proj"}
+
+
+def official_leaf(path, arch):
+    """The official name of the linear layer at module path `path` (ours: model.transformer.blocks.3.ff_out): LLaDA's
+    are ours; Dream's are Qwen2's (o_proj, gate_proj, down_proj; its head is lm_head, not ff_out)."""
+    leaf = path.rsplit(".", 1)[-1]
+    if arch != "dream":
+        return leaf
+    if leaf == "ff_out":
+        return "down_proj" if ".blocks." in path else "lm_head"
+    return _DREAM_LEAVES.get(leaf, leaf)
+
+
 def apply_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, generator=None):
-    """Wrap every nn.Linear whose attribute name is in `targets`; freeze everything else. A model that already has
-    adapters (loaded from an SFT export, or --adapter) keeps them as frozen factors of the starting model, and every
-    LoRALinear gets a fresh trainable adapter (so a module the earlier stage adapted but `targets` omits stays
-    adapted). Returns the model."""
+    """Wrap every nn.Linear whose name is in `targets` (ours, or for Dream its own: o_proj, gate_proj, down_proj,
+    lm_head); freeze everything else. A model that already has adapters (loaded from an SFT export, or --adapter)
+    keeps them as frozen factors of the starting model, and every LoRALinear gets a fresh trainable adapter (so a
+    module the earlier stage adapted but `targets` omits stays adapted). Returns the model."""
     freeze_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for parent in list(model.modules()):
+    arch = getattr(getattr(model, "cfg", None), "arch", "llada")
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 fresh = LoRALinear(child, r, alpha, dropout, generator)
                 fresh.set_frozen(child.lora_frozen_A.detach(), child.lora_frozen_B.detach())
                 setattr(parent, name, fresh)
-            elif name in targets and isinstance(child, nn.Linear):
+            elif (name in targets or official_leaf(f"{path}.{name}", arch) in targets) and \
+                    isinstance(child, nn.Linear):
                 setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator))
     if not has_lora(model):
         raise ValueError(f"apply_lora: no nn.Linear named any of {targets}")
@@ -449,29 +525,42 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m[
 # (the final {{ '' }} stops Jinja from dropping the template's trailing newline)
 
 
-def tiny_tokenizer():
+# Dream's (Qwen's) special tokens and chat template, for the tiny Dream (--model tiny-dream).
+DREAM_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+DREAM_CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+                       "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                       "<|im_end|>\n{% endfor %}<|im_start|>assistant\n{{ '' }}")
+
+
+def tiny_tokenizer(arch="llada"):
     """A transformers fast tokenizer built in-process with the `tokenizers` library: one token per printable ASCII
     character (plus newline and tab), and LLaDA's special tokens matched whole. Same roles as LLaDA's: BOS comes
-    from the chat template, <|endoftext|> is both EOS and PAD, <|mdm_mask|> is the mask."""
+    from the chat template, <|endoftext|> is both EOS and PAD, <|mdm_mask|> is the mask. arch="dream": Dream's
+    special tokens and chat template instead (no BOS; <|endoftext|> is EOS and PAD, <|mask|> the mask)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     chars = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + ["<unk>"] + chars)}
+    specials = DREAM_SPECIAL_TOKENS if arch == "dream" else SPECIAL_TOKENS
+    vocab = {t: i for i, t in enumerate(specials + ["<unk>"] + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
     tok.decoder = decoders.Fuse()  # concatenate, no spaces in between
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                pad_token="<|endoftext|>", mask_token="<|mdm_mask|>", unk_token="<unk>")
-    t.chat_template = CHAT_TEMPLATE
+    tok.add_special_tokens(specials)
+    if arch == "dream":
+        t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                    mask_token="<|mask|>", unk_token="<unk>")
+    else:
+        t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                    pad_token="<|endoftext|>", mask_token="<|mdm_mask|>", unk_token="<unk>")
+    t.chat_template = DREAM_CHAT_TEMPLATE if arch == "dream" else CHAT_TEMPLATE
     t.padding_side = "left"
     return t
 
 
 def tiny_config(tokenizer=None, **overrides):
     """A few layers, small width; vocabulary = the tiny tokenizer's. GQA on (4 query heads share 2 K/V heads) so
-    that path is exercised everywhere."""
-    tokenizer = tokenizer or tiny_tokenizer()
+    that path is exercised everywhere. arch="dream" in overrides: the tiny Dream (biases, positions, the shift)."""
+    tokenizer = tokenizer or tiny_tokenizer(overrides.get("arch", "llada"))
     kw = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden_size=384, vocab_size=len(tokenizer),
               embedding_size=128, rope_theta=10000.0, max_sequence_length=1024,
               mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -23,6 +23,13 @@ reuses the keys/values of everything before the current block (prefix KV cache).
 
     python sample.py --model out/sft/final --prompt "sudoku 1030020040000301" --gen-length 40 --block-length 40
     python sample.py --model GSAI-ML/LLaDA-8B-Instruct --prompt "..." --gen-length 256 --steps 128 --device cuda
+
+Dream-7B's sampler (--alg; dream_generate below) is the other rule: no blocks, the whole canvas over timesteps
+t = 1 .. eps, committing int(m (1 - s/t)) positions per step by the algorithm's confidence. Of the fast modes, the
+logits of the still-masked positions only (exact) applies to it; threshold decoding and the prefix cache are LLaDA's
+block sampler's (the prefix cache cannot serve Dream: its first generated position reads the cached one before it).
+
+    python sample.py --model Dream-org/Dream-v0-Instruct-7B --alg entropy --gen-length 256 --steps 256 --device cuda
 """
 
 import math
@@ -95,8 +102,11 @@ def check_args(prompt_len, gen_length, block_length, steps, temperature, cfg_sca
                       "forward passes")
 
 
-def check_sampling(gen_length, block_length, steps, temperature, cfg_scale, remasking, threshold):
+def check_sampling(gen_length, block_length, steps, temperature, cfg_scale, remasking, threshold, alg=None):
     """The sampler's flags alone (scripts check them right after parsing, before a model loads)."""
+    if alg is not None and (threshold is not None or cfg_scale):
+        raise ValueError("--alg (Dream's sampler) decodes the whole canvas by its own rule: --threshold and "
+                         "--cfg-scale belong to LLaDA's block sampler")
     if gen_length <= 0 or block_length <= 0 or steps <= 0:
         raise ValueError(f"gen_length ({gen_length}), block_length ({block_length}) and steps ({steps}) must be > 0")
     if gen_length % block_length:
@@ -117,7 +127,8 @@ def check_sampling(gen_length, block_length, steps, temperature, cfg_scale, rema
 @torch.no_grad()
 def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_length=32, steps=64, temperature=0.0,
              cfg_scale=0.0, remasking="low_confidence", mask_id=None, pad_id=None, generator=None,
-             threshold=None, prefix_cache=False, on_step=None):
+             threshold=None, prefix_cache=False, on_step=None, alg=None, alg_temp=None, top_p=None, top_k=None,
+             eps=1e-3):
     """Sample completions for a batch of LEFT-padded prompts.
 
     prompt_ids (B, P) long; attention_mask (B, P) with 0 on left padding (None = no padding). The mask is extended
@@ -132,7 +143,14 @@ def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_le
         block are reused while the block is decoded, so later steps only run [block ; rest of canvas] as queries.
     on_step(x, s, e): called after every denoising step with the canvas and the current block [s, e) (sample.py
         --show prints it).
+    alg: Dream's sampler instead (dream_generate: the whole canvas at once, no blocks; 'origin', 'maskgit_plus',
+        'topk_margin' or 'entropy', with alg_temp, top_p, top_k and eps); block_length, remasking and the fast
+        modes do not apply to it.
     """
+    if alg is not None:
+        return dream_generate(model, prompt_ids, attention_mask, gen_length=gen_length, steps=steps,
+                              temperature=temperature, alg=alg, alg_temp=alg_temp, top_p=top_p, top_k=top_k, eps=eps,
+                              generator=generator, on_step=on_step, mask_id=mask_id)
     cfg = model.cfg
     mask_id = cfg.mask_token_id if mask_id is None else mask_id
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
@@ -265,6 +283,105 @@ def fast_block(fwd, x, s, e, steps, threshold, prefix_cache, temperature, remask
         step += 1
 
 
+# -----------------------------------------------------------------------------
+# Dream's sampler (its diffusion_generate): the whole canvas over timesteps t = linspace(1, eps, steps + 1)
+
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+def filter_logits(logits, top_p=None, top_k=None):
+    """Nucleus (top_p < 1: keep the smallest set of most likely tokens whose probability reaches top_p, the token that
+    crosses it included) and top-k filtering; a dropped token gets the dtype's lowest value."""
+    low = torch.finfo(logits.dtype).min
+    if top_p is not None and top_p < 1:
+        srt, idx = logits.sort(-1, descending=True)
+        drop = srt.softmax(-1).cumsum(-1) > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # shift right: keep the token that crosses top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), low)
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, low)
+    return logits
+
+
+def dream_propose(logits, temperature, top_p, top_k, alg, generator):
+    """Dream's sample_tokens on logits (n, V) -> (confidence (n,), proposal x0 (n,)): at temperature 0 the most likely
+    token and its probability, else a draw from softmax(logits / T) (after top-p / top-k) and its probability; then
+    the algorithm's confidence: top-1 minus top-2 probability (topk_margin) or the negative entropy (entropy)."""
+    if temperature > 0:
+        logits = logits / temperature
+    probs = filter_logits(logits.float(), top_p, top_k).softmax(-1)
+    if temperature > 0:
+        x0 = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+    else:
+        conf, x0 = probs.max(-1)
+    if alg == "topk_margin":
+        top2 = probs.topk(2, -1).values
+        conf = top2[:, 0] - top2[:, 1]
+    elif alg == "entropy":
+        conf = (probs * (probs + 1e-10).log()).sum(-1)
+    return conf, x0
+
+
+@torch.no_grad()
+def dream_generate(model, prompt_ids, attention_mask=None, *, gen_length=128, steps=64, temperature=0.0,
+                   alg="entropy", alg_temp=None, top_p=None, top_k=None, eps=1e-3, generator=None, on_step=None,
+                   mask_id=None):
+    """Dream's diffusion_generate on a left-padded batch: the canvas [prompt ; L masks] is decoded as a whole (no
+    blocks) over timesteps t_i = linspace(1, eps, steps + 1). At step i (t = t_i, s = t_(i+1)), every masked position
+    gets a proposal (dream_propose), then
+      origin       each masked position is committed with probability 1 - s / t (1 at the last step);
+      the others   n = int(m (1 - s / t)) positions per row (m: masked per row; all that remain at the last step),
+                   the most confident (alg_temp None or 0) or sampled from softmax(confidence / alg_temp).
+    Only the masked positions get logits (logits_index), as in LLaDA's exact sampler; Dream's logit shift is inside
+    the model. All randomness comes from `generator`."""
+    if alg not in DREAM_ALGS:
+        raise ValueError(f"alg {alg!r}: choose one of {', '.join(DREAM_ALGS)}")
+    if steps <= 0 or gen_length <= 0:
+        raise ValueError(f"gen_length ({gen_length}) and steps ({steps}) must be > 0")
+    mask_id = model.cfg.mask_token_id if mask_id is None else mask_id
+    B, P = prompt_ids.shape
+    if generator is None:
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
+    x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)
+    attn = None if attention_mask is None or bool(attention_mask.all()) else torch.cat(
+        [attention_mask.to(torch.long), attention_mask.new_ones((B, gen_length), dtype=torch.long)], dim=1)
+    # Dream's arithmetic exactly: float32 timesteps, n = int(float32(m) * (1 - s / t)) (in float64 the int() of a
+    # product near an integer could round the other way and commit one token more or less)
+    timesteps = torch.linspace(1, eps, steps + 1)
+    canvas, m, passes = x[:, P:], gen_length, 0  # canvas: a view; m: the most masked positions in any row
+    for i in range(steps):
+        frac = float(1 - timesteps[i + 1] / timesteps[i])  # 1 - s / t
+        pos, valid = masked_first(canvas, mask_id, m)  # (B, m): each row's masked positions first, in order
+        logits = model(x, attn, logits_index=P + pos)  # (B, m, V)
+        passes += 1
+        conf, x0 = dream_propose(logits[valid], temperature, top_p, top_k, alg, generator)  # (n,) row-major
+        last = i == steps - 1
+        if alg == "origin":
+            commit = torch.rand(conf.shape, generator=generator, device=conf.device) < (1.0 if last else frac)
+            new = torch.where(commit, x0, mask_id)
+            canvas.scatter_(1, pos, canvas.gather(1, pos).masked_scatter(valid, new))
+        else:
+            # every row has m masked and commits n per step
+            n = m if last else int(torch.tensor(float(m)) * (1 - timesteps[i + 1] / timesteps[i]))
+            if n > 0:
+                full = torch.full((B, m), -math.inf, device=x.device).masked_scatter(valid, conf.float())
+                if not alg_temp:
+                    top = full.topk(n, -1).indices
+                else:
+                    top = torch.multinomial((full / alg_temp).softmax(-1), n, generator=generator)
+                props = torch.zeros_like(pos).masked_scatter(valid, x0)
+                canvas.scatter_(1, pos.gather(1, top), props.gather(1, top))
+        m = int((canvas == mask_id).sum(1).max())
+        if on_step:
+            on_step(x, P, P + gen_length)
+        if m == 0:
+            break
+    return Generation(x, canvas, passes, passes, passes * B * (P + gen_length))
+
+
 class CanvasPrinter:
     """generate(on_step=...) for `sample.py --show`: after every K-th denoising step, row 0's canvas as one line:
     masked positions as a placeholder, EOS as '.', and the tokens committed since the last line highlighted (ANSI
@@ -355,6 +472,13 @@ SAMPLING_FLAGS = {
     "threshold": ("fast mode: commit every proposal with confidence >= this (e.g. 0.9); unset = the exact sampler",
                   dict(type=float)),
     "prefix_cache": ("fast mode: reuse the K/V of the positions before the current block", {}),
+    "alg": ("Dream's sampler instead (the whole canvas, no blocks), committing by this confidence: origin (each "
+            "masked token with probability 1 - s/t), maskgit_plus (top probability), topk_margin (top-1 minus top-2) "
+            "or entropy (negative entropy); unset = LLaDA's block sampler", dict(type=str, choices=DREAM_ALGS)),
+    "alg_temp": ("with --alg: sample the positions to commit from softmax(confidence / this) (unset or 0: the most "
+                 "confident)", dict(type=float)),
+    "top_p": ("with --alg: nucleus filtering of the proposals", dict(type=float)),
+    "top_k": ("with --alg: top-k filtering of the proposals", dict(type=int)),
 }
 
 
@@ -369,7 +493,8 @@ def add_sampling_args(ap, gen_length=128, block_length=32, steps=64, temperature
     """The sampler's flags for sample.py and eval.py (eval.py takes several generation lengths), in one group."""
     g = ap.add_argument_group("sampling")
     defaults = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
-                    cfg_scale=0.0, remasking="low_confidence", threshold=None, prefix_cache=False)
+                    cfg_scale=0.0, remasking="low_confidence", threshold=None, prefix_cache=False, alg=None,
+                    alg_temp=None, top_p=None, top_k=None)
     for name, (help, kw) in SAMPLING_FLAGS.items():
         kw, d = dict(kw), defaults[name]
         names = ["--" + name.replace("_", "-")] + kw.pop("aliases", [])
@@ -386,9 +511,11 @@ def add_sampling_args(ap, gen_length=128, block_length=32, steps=64, temperature
 
 
 def sampling_kwargs(args):
+    """generate()'s keywords from parsed flags or a config (one without Dream's flags samples with LLaDA's)."""
     return dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                 temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                threshold=args.threshold, prefix_cache=args.prefix_cache)
+                threshold=args.threshold, prefix_cache=args.prefix_cache,
+                **{k: getattr(args, k) for k in ("alg", "alg_temp", "top_p", "top_k") if getattr(args, k, None)})
 
 
 def main(argv=None):
@@ -408,10 +535,12 @@ def main(argv=None):
                    help="highlight with ANSI colours (auto: when stdout is a terminal)")
     args = ap.parse_args(argv)
     try:
-        check_sampling(args.gen_length, args.block_length, args.steps, args.temperature, args.cfg_scale,
-                       args.remasking, args.threshold)
+        check_sampling(args.gen_length, args.gen_length if args.alg else args.block_length, args.steps,
+                       args.temperature, args.cfg_scale, args.remasking, args.threshold, args.alg)
     except ValueError as e:
         ap.error(str(e))
+    if args.alg and args.prefix_cache:
+        ap.error("--prefix-cache belongs to LLaDA's block sampler, not to --alg (Dream's sampler)")
     if args.show_every < 1:
         ap.error(f"--show-every must be >= 1, not {args.show_every}")
     model, tok, device = setup_model(args)
@@ -422,8 +551,8 @@ def main(argv=None):
     show = None
     if args.show:
         color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-        show = CanvasPrinter(tok, ids.shape[1], args.block_length, model.cfg.mask_token_id, model.cfg.eos_token_id,
-                             args.show_every, color)
+        show = CanvasPrinter(tok, ids.shape[1], args.gen_length if args.alg else args.block_length,
+                             model.cfg.mask_token_id, model.cfg.eos_token_id, args.show_every, color)
         print(f"### {prompts[0]}")
     out = generate(model, ids, mask, generator=g, on_step=show, **sampling_kwargs(args))
     dt = time.perf_counter() - t0

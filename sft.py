@@ -225,14 +225,15 @@ def main(argv=None):
 def tokenize_examples(tokenizer, rows, max_length, eos_id):
     """rows with `prompt` (chat messages) and `completion` (text) -> (ids (N, max_length), prompt_lens (N,)),
     plus the number of examples whose answer was truncated. An example whose prompt alone fills the canvas is
-    dropped (counted as truncated). Each sequence: chat-templated prompt + answer + <|eot_id|>, then EOS up to
-    the end of the canvas."""
+    dropped (counted as truncated). Each sequence: chat-templated prompt + answer + the end of the turn (LLaDA's
+    <|eot_id|>, Dream's <|im_end|>), then EOS up to the end of the canvas."""
     seqs, plens, truncated, prompts = [], [], 0, []
+    eot = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else "<|eot_id|>"
     for r in rows:
         p = tokenizer(tokenizer.apply_chat_template(r["prompt"], tokenize=False),
                       add_special_tokens=False)["input_ids"]
         prompts.append(p)
-        a = tokenizer(r["completion"] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
+        a = tokenizer(r["completion"] + eot, add_special_tokens=False)["input_ids"]
         if len(p) + len(a) > max_length:
             truncated += 1
             if len(p) >= max_length:

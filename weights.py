@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 
 from model import (LLADA_HUB_ID, LLaDA, LLaDAConfig, LoRALinear, UsageError, has_lora, load_adapter_state,
-                   lora_state_dict, merge_survival, merged_state_dict, tiny_config, tiny_tokenizer)
+                   lora_state_dict, merge_survival, merged_state_dict, official_leaf, tiny_config, tiny_tokenizer)
 
 ADAPTER_FILE = "adapter.safetensors"
+TINY = {"tiny": "llada", "tiny-dream": "dream"}  # --model names of the random CPU-sized models, and their arch
 # The code an export ships for AutoModel.from_pretrained(EXPORT, trust_remote_code=True): file in the export -> here.
 TRANSFORMERS_CODE = {"configuration_llada.py": "hf/configuration_llada.py", "modeling_llada.py": "hf/modeling_llada.py",
                      "llada_model.py": "model.py"}
@@ -123,6 +124,45 @@ def _checkpoint_shards(model_dir):
     return {"model.safetensors": read_safetensors(single, keys_only=True)}
 
 
+# Dream's weight names (Qwen2's) -> ours (model.py's modules, LLaDA's official names): renamed at the file's edge, so
+# one network serves both. Keys inside a block: Dream's prefix -> ours.
+_DREAM_TOP = {"model.embed_tokens.": "model.transformer.wte.", "lm_head.": "model.transformer.ff_out.",
+              "model.norm.": "model.transformer.ln_f."}
+_DREAM_BLOCK = {"input_layernorm.": "attn_norm.", "post_attention_layernorm.": "ff_norm.",
+                "self_attn.q_proj.": "q_proj.", "self_attn.k_proj.": "k_proj.", "self_attn.v_proj.": "v_proj.",
+                "self_attn.o_proj.": "attn_out.", "mlp.gate_proj.": "ff_proj.", "mlp.up_proj.": "up_proj.",
+                "mlp.down_proj.": "ff_out."}
+
+
+def ours_from_file(key, arch):
+    """A checkpoint's key -> model.py's (the identity for LLaDA)."""
+    if arch != "dream":
+        return key
+    for theirs, ours in _DREAM_TOP.items():
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    if key.startswith("model.layers."):
+        n, rest = key[len("model.layers."):].split(".", 1)
+        for theirs, ours in _DREAM_BLOCK.items():
+            if rest.startswith(theirs):
+                return f"model.transformer.blocks.{n}.{ours}{rest[len(theirs):]}"
+    return "unknown:" + key  # reported as unexpected by load_model's key check
+
+
+def file_from_ours(key, arch):
+    """model.py's key -> the official checkpoint's (the identity for LLaDA)."""
+    if arch != "dream":
+        return key
+    for theirs, ours in _DREAM_TOP.items():
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    n, rest = key[len("model.transformer.blocks."):].split(".", 1)
+    for theirs, ours in _DREAM_BLOCK.items():
+        if rest.startswith(ours):
+            return f"model.layers.{n}.{theirs}{rest[len(ours):]}"
+    raise KeyError(key)
+
+
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     """Load an official-format LLaDA checkpoint. The model is built on the meta device (no memory), then each shard
     is read and its tensors ASSIGNED into the model (cast to `dtype` on `device`) before the next shard is opened,
@@ -138,16 +178,16 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = LLaDA(cfg)
     shards = _checkpoint_shards(model_dir)
-    expected = set(model.state_dict().keys())
+    expected = {file_from_ours(k, cfg.arch) for k in model.state_dict()}
     found = {k for keys in shards.values() for k in keys}
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
-        raise KeyError(f"{model_dir}: checkpoint keys do not match the LLaDA architecture of its config.json.\n"
+        raise KeyError(f"{model_dir}: checkpoint keys do not match the {cfg.arch} architecture of its config.json.\n"
                        f"  missing ({len(missing)}): {missing[:10]}\n"
                        f"  unexpected ({len(unexpected)}): {unexpected[:10]}")
     for shard in sorted(shards):
         sd = read_safetensors(os.path.join(model_dir, shard), device)
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+        sd = {ours_from_file(k, cfg.arch): v.to(dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)  # assign: the loaded tensors become the parameters
         del sd
     model.eval()
@@ -208,11 +248,11 @@ def save_model(model, out_dir, tokenizer=None, max_shard_bytes=5 * 2**30, merge=
         sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
         if has_lora(model):
             save_lora(model, out_dir)
-    _write_safetensors(sd, out_dir, max_shard_bytes)
+    _write_safetensors({file_from_ours(k, model.cfg.arch): v for k, v in sd.items()}, out_dir, max_shard_bytes)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(model.cfg.to_dict(), f, indent=2)
     here = os.path.dirname(os.path.abspath(__file__))
-    for name, src in TRANSFORMERS_CODE.items():  # what config.json's auto_map names, so transformers loads it
+    for name, src in TRANSFORMERS_CODE.items() if model.cfg.arch == "llada" else ():  # what auto_map names
         shutil.copyfile(os.path.join(here, src), os.path.join(out_dir, name))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -295,6 +335,8 @@ def load_peft(model, path):
     """Apply a PEFT LoRA folder to a plain model as its adapter (later stages keep it as frozen factors): every
     module with factors gets W x + s B A x with PEFT's s = lora_alpha / r (or / sqrt(r) with use_rslora)."""
     cfg, factors = read_peft(path)
+    arch = model.cfg.arch  # a Dream adapter names Dream's modules (model.layers.N.self_attn.q_proj): ours from them
+    factors = {ours_from_file(m + ".weight", arch)[:-len(".weight")]: f for m, f in factors.items()}
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     modules = dict(model.named_modules())
@@ -339,13 +381,14 @@ def save_peft(model, out_dir, base_model_name_or_path):
     for name, (A, B) in tensors.items():
         pad = r - A.shape[0]
         A, B = torch.cat([A, A.new_zeros(pad, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
-        sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
-        sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
+        official = file_from_ours(name + ".weight", model.cfg.arch)[:-len(".weight")]  # Dream: its own names
+        sd[f"{PEFT_PREFIX}{official}.lora_A.weight"] = A.contiguous().cpu()
+        sd[f"{PEFT_PREFIX}{official}.lora_B.weight"] = B.contiguous().cpu()
     m0 = next(iter(mods.values()))
     alpha = float(r) if stacked else m0.scale * m0.r
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
            "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "bias": "none",
-           "target_modules": sorted({n.rsplit(".", 1)[1] for n in mods}), "modules_to_save": None,
+           "target_modules": sorted({official_leaf(n, model.cfg.arch) for n in mods}), "modules_to_save": None,
            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "revision": None}
     os.makedirs(out_dir, exist_ok=True)
@@ -359,8 +402,8 @@ def save_peft(model, out_dir, base_model_name_or_path):
 
 
 def load_tokenizer(name_or_path):
-    if name_or_path == "tiny":
-        return tiny_tokenizer()
+    if name_or_path in TINY:
+        return tiny_tokenizer(TINY[name_or_path])
     from transformers import PreTrainedTokenizerFast
     # LLaDA ships a plain fast tokenizer (tokenizer.json). AutoTokenizer would read config.json, see the custom
     # model_type 'llada' with its auto_map, and ask to run remote code; the tokenizer needs none.
@@ -385,8 +428,8 @@ def build(name_or_path, dtype=torch.float32, device="cpu", seed=0):
     if base is not None:
         model, tok = build(base, dtype, device, seed)
         return load_peft(model, name_or_path), tok
-    if name_or_path == "tiny":
-        tok = tiny_tokenizer()
-        model = LLaDA(tiny_config(tok)).init_weights(torch.Generator().manual_seed(seed))
+    if name_or_path in TINY:
+        tok = tiny_tokenizer(TINY[name_or_path])
+        model = LLaDA(tiny_config(tok, arch=TINY[name_or_path])).init_weights(torch.Generator().manual_seed(seed))
         return model.to(device=device, dtype=dtype).eval(), tok
     return load_model(name_or_path, dtype, device), load_tokenizer(name_or_path)
