@@ -124,13 +124,14 @@ def cut_at_stops(text, until):
 @register_model("llada")
 class LLaDAEvalModel(LM):
     """model_args: pretrained (tiny | a directory | a hub id), dtype, device, gen_length, block_length, steps,
-    temperature, remasking, threshold, prefix_cache, cfg_scale (the sampler's flags, as sample.py's), mc_num (the
+    temperature, remasking, threshold, prefix_cache, cfg_scale, alg, alg_temp, top_p, top_k (the sampler's flags, as
+    sample.py's; a Dream model decodes with Dream's sampler, alg=entropy, unless alg is given), mc_num (the
     likelihood estimate's samples), seed. lm_eval's --batch_size is the prompts per generate call and the samples
-    per likelihood forward pass."""
+    per likelihood forward pass. Dream's logit shift is inside the model: the likelihood needs nothing more."""
 
     def __init__(self, pretrained="tiny", dtype="auto", device="auto", gen_length=256, block_length=32, steps=None,
                  temperature=0.0, remasking="low_confidence", threshold=None, prefix_cache=False, cfg_scale=0.0,
-                 mc_num=128, batch_size=32, seed=1234, **ignored):
+                 mc_num=128, batch_size=32, seed=1234, alg=None, alg_temp=None, top_p=None, top_k=None, **ignored):
         batch_size = 32 if batch_size in (None, "auto") else batch_size  # lm_eval's --batch_size auto: a default
         if LM is object:
             raise ImportError(INSTALL)
@@ -147,7 +148,12 @@ class LLaDAEvalModel(LM):
                              steps=int(steps or gen_length), temperature=float(temperature), remasking=remasking,
                              threshold=None if threshold in (None, "None") else float(threshold),
                              prefix_cache=str(prefix_cache).lower() in ("true", "1"), cfg_scale=float(cfg_scale))
-        check_sampling(**{k: v for k, v in self.sampling.items() if k != "prefix_cache"})
+        alg = alg or ("entropy" if self.model.cfg.arch == "dream" else None)
+        num = lambda v, t: None if v in (None, "None") else t(v)
+        self.sampling.update({k: v for k, v in dict(alg=alg, alg_temp=num(alg_temp, float), top_p=num(top_p, float),
+                                                     top_k=num(top_k, int)).items() if v is not None})
+        check = {k: v for k, v in self.sampling.items() if k not in ("prefix_cache", "alg_temp", "top_p", "top_k")}
+        check_sampling(**{**check, "block_length": self.sampling["gen_length"]} if alg else check)  # no blocks
         self.mc_num, self.batch_size, self.seed = int(mc_num), int(batch_size), int(seed)
 
     def ids(self, text):

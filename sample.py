@@ -152,6 +152,9 @@ def generate(model, prompt_ids, attention_mask=None, *, gen_length=128, block_le
                               temperature=temperature, alg=alg, alg_temp=alg_temp, top_p=top_p, top_k=top_k, eps=eps,
                               generator=generator, on_step=on_step, mask_id=mask_id)
     cfg = model.cfg
+    if prefix_cache and cfg.arch == "dream":
+        raise ValueError("the prefix cache does not apply to Dream: with its logit shift, a block's first position "
+                         "is predicted from the cached position before it")
     mask_id = cfg.mask_token_id if mask_id is None else mask_id
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
     B, P = prompt_ids.shape

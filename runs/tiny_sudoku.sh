@@ -18,7 +18,7 @@
 # Every stage is seeded (SEED), so a rerun on the same machine gives the same table. Another CPU rounds differently
 # and gives another table inside the spread that runs/tiny_sudoku_sweep.sh measures (README).
 # Environment knobs (the slow test and the sweep use them): OUT, SEED, SFT_N, SFT_STEPS, RL_BATCHES, CONT_STEPS,
-# EVAL_N, PORT.
+# EVAL_N, PORT, and MODEL (tiny, or tiny-dream: the same recipe on the tiny Dream).
 # The trainers' tiny presets (PRESETS in sft.py and diffu_grpo.py, applied to --model tiny and to its exports) ARE
 # this recipe; the commands below write only what differs from them. Choices for the tiny model (measured, see docs/):
 #  - puzzles with 3-6 blanks (--blanks 3 6): with d1-sized 6-10 blanks every tiny model solves 0-2% of puzzles;
@@ -31,6 +31,7 @@ source runs/setup.sh
 export TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/tiny_sudoku}
 SEED=${SEED:-0}
+MODEL=${MODEL:-tiny}
 SFT_N=${SFT_N:-64}             # the fixed labelled set
 SFT_STEPS=${SFT_STEPS:-400}
 RL_BATCHES=${RL_BATCHES:-40}   # rollout batches of 2 ranks x 8 prompts x G=8, each used for mu = 2 optimizer steps
@@ -45,7 +46,7 @@ ONE_STEP="--gen-length 40 --block-length 40 --steps 1"
 
 echo "== 1. SFT on $SFT_N labelled puzzles"
 t0=$SECONDS
-$PY sft.py --model tiny --task sudoku --train-n $SFT_N --max-steps $SFT_STEPS --seed $SEED --out-dir $OUT/sft \
+$PY sft.py --model $MODEL --task sudoku --train-n $SFT_N --max-steps $SFT_STEPS --seed $SEED --out-dir $OUT/sft \
   --overwrite
 t_sft=$((SECONDS - t0))
 

@@ -291,3 +291,40 @@ def test_the_two_readme_commands_run_on_tiny_dream(tmp_path):
     assert model.cfg.arch == "dream" and tok.eos_token == "<|endoftext|>"
     assert "model.layers.0.self_attn.q_proj.bias" in W.read_safetensors(
         str(tmp_path / "rl/final/model.safetensors"), keys_only=True)
+
+
+def test_the_lm_eval_model_decodes_a_dream_export_with_dreams_sampler(tmp_path):
+    pytest.importorskip("lm_eval")
+    import types
+
+    import lmeval
+    import sample as S
+    from harness import export_model
+    model, tok = W.build("tiny-dream")
+    export_model(str(tmp_path / "final"), model, tok)
+    lm = lmeval.LLaDAEvalModel(pretrained=str(tmp_path / "final"), gen_length=12, steps=6, batch_size=2)
+    assert lm.sampling["alg"] == "entropy"
+    contexts = ["sudoku 1030020040000301", "2+2="]
+    got = lm.generate_until([types.SimpleNamespace(args=(c, {"until": ["\n"]})) for c in contexts])
+    ids, mask = S.pad_left([tok(c, add_special_tokens=False)["input_ids"] for c in contexts], tok.pad_token_id)
+    out = S.generate(lm.model, ids, mask, gen_length=12, steps=6, alg="entropy",
+                     generator=lmeval.request_generator(lm.seed, contexts[0]))
+    assert got == [t.split("\n")[0] for t in S.decode_completions(tok, out.completion, lm.model.cfg.eos_token_id)]
+    (ll, _), = lm.loglikelihood([types.SimpleNamespace(args=("2+2=", "4"))])
+    assert ll < 0
+
+
+def test_sample_py_shows_dreams_canvas_and_says_which_fast_modes_apply(capsys):
+    """`sample.py --alg entropy --show` on tiny Dream; threshold decoding (LLaDA's block sampler) runs on Dream,
+    the prefix cache is refused in one sentence (the shift reads the cached position)."""
+    import sample as S
+    S.main(["--model", "tiny-dream", "--alg", "entropy", "--gen-length", "8", "--steps", "4", "--show",
+            "--color", "never", "--prompt", "hi"])
+    out = capsys.readouterr().out
+    assert out.count("step ") == 4 and "8 tokens" in out
+    model, tok = W.build("tiny-dream")
+    ids = torch.tensor([tok("sudoku 1030")["input_ids"]])
+    fast = S.generate(model, ids, gen_length=8, block_length=4, steps=4, threshold=0.0)
+    assert fast.forward_passes == 2 and not (fast.completion == model.cfg.mask_token_id).any()
+    with pytest.raises(ValueError, match="prefix cache does not apply to Dream"):
+        S.generate(model, ids, gen_length=8, block_length=4, steps=4, prefix_cache=True)
