@@ -223,7 +223,8 @@ def lr_lambda(warmup, total, schedule):
 
 def optimizer_step(tr, loss=None):
     """The end of every update, SFT's and RL's (the gradients are already averaged over ranks: DDP and FSDP2 reduce
-    them during backward): clipped to tr.max_grad_norm, one AdamW step, one schedule step. Returns the gradient norm before clipping.
+    them during backward): clipped to tr.max_grad_norm, one AdamW step, one schedule step. Returns the gradient
+    norm before clipping.
     A non-finite gradient norm, or a non-finite `loss` (this rank's loss of the step) on any rank, never reaches
     the weights: the step is skipped on every rank (counted in tr.skipped) with tr.skip_nonfinite, and otherwise
     the run stops (Diverged) before any weight moves."""

@@ -60,10 +60,7 @@ class LLaDAConfig:
     mask_token_id: int = LLADA_MASK_ID
     eos_token_id: int = 126081
     pad_token_id: int = 126081
-    # "llada", or "dream": Dream-7B (Qwen2.5-7B's shapes) is the same network with three differences, each marked
-    # `cfg.arch == "dream"` below: biases on the q, k and v projections; positions counted from the first real
-    # token of a left-padded row; and the logit shift (its head predicts the NEXT token, kept from Qwen).
-    arch: str = "llada"
+    arch: str = "llada"  # or "dream": Dream-7B, this network with three differences (the module docstring)
     # other config.json fields, kept so that a round trip loses nothing
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -86,38 +83,32 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, d):
-        if str(d.get("model_type", "")).lower() == "dream":
-            return cls._from_dream(d)
-        for key, want in cls._REQUIRED.items():
-            if key in d and d[key] is not None and d[key] != want:
+        dream = str(d.get("model_type", "")).lower() == "dream"
+        for key, want in (cls._DREAM_REQUIRED if dream else cls._REQUIRED).items():
+            if d.get(key, want) not in (want, None):
                 raise ValueError(f"config.json: {key}={d[key]!r} is not supported by this implementation "
-                                 f"(LLaDA-8B uses {key}={want!r})")
-        names = {f.name for f in fields(cls)} - {"extra"}
-        kw = {k: d[k] for k in names if d.get(k) is not None}
-        if d.get("mlp_hidden_size") is None and "mlp_ratio" in d:  # mlp_ratio only counts when mlp_hidden_size is unset
-            kw["mlp_hidden_size"] = d["mlp_ratio"] * d["d_model"]
-        kw.setdefault("embedding_size", kw.get("vocab_size", cls.vocab_size))
-        extra = {k: v for k, v in d.items() if k not in names}
-        cfg = cls(**kw, extra=extra)
+                                 f"({'Dream-7B' if dream else 'LLaDA-8B'} uses {key}={want!r})")
+        cfg = cls._from_dream(d) if dream else cls._from_llada(d)
         if cfg.d_model % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
             raise ValueError(f"config.json: d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads} "
                              "must satisfy d_model % n_heads == 0 and n_heads % n_kv_heads == 0")
         return cfg
 
     @classmethod
+    def _from_llada(cls, d):
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: d[k] for k in names if d.get(k) is not None}
+        if d.get("mlp_hidden_size") is None and "mlp_ratio" in d:  # mlp_ratio only counts when mlp_hidden_size is unset
+            kw["mlp_hidden_size"] = d["mlp_ratio"] * d["d_model"]
+        kw.setdefault("embedding_size", kw.get("vocab_size", cls.vocab_size))
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in names})
+
+    @classmethod
     def _from_dream(cls, d):
-        for key, want in cls._DREAM_REQUIRED.items():
-            if d.get(key, want) != want:
-                raise ValueError(f"config.json: {key}={d[key]!r} is not supported by this implementation "
-                                 f"(Dream-7B uses {key}={want!r})")
         kw = {ours: d[theirs] for theirs, ours in cls._DREAM_NAMES.items() if d.get(theirs) is not None}
         # Dream's vocab_size is its embedding's rows (152,064 for the 7B, more than the tokenizer's tokens)
-        cfg = cls(**kw, vocab_size=kw.get("embedding_size", cls.embedding_size), arch="dream",
-                  extra={k: v for k, v in d.items() if k not in cls._DREAM_NAMES})
-        if cfg.d_model % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
-            raise ValueError(f"config.json: hidden_size={cfg.d_model}, num_attention_heads={cfg.n_heads}, "
-                             f"num_key_value_heads={cfg.n_kv_heads} do not divide")
-        return cfg
+        return cls(**kw, vocab_size=kw.get("embedding_size", cls.embedding_size), arch="dream",
+                   extra={k: v for k, v in d.items() if k not in cls._DREAM_NAMES})
 
     def to_dict(self):
         if self.arch == "dream":  # Dream's own names; model_type, auto_map etc. come back from `extra`
@@ -286,10 +277,15 @@ class LLaDA(nn.Module):
             # prediction is read from position j - 1, and position 0 reuses its own. Aligned here, once, on the
             # hidden states (ln_f and the head act per position), every consumer (the sampler, the estimators, the SFT
             # loss, evaluation) reads logits[:, j] as the prediction for token j, for LLaDA and Dream alike.
+            # Only the rows that get logits are read (index j - 1 instead of j), nothing is copied.
             if past_kv is not None:
                 raise UsageError("the prefix cache does not apply to Dream: position P's prediction comes from the "
                                  "cached position P - 1")
-            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+            if logits_index is not None:
+                logits_index = (logits_index - 1).clamp(min=0)
+            else:
+                rows = torch.arange(T, device=h.device)[logits_slice if logits_slice is not None else slice(None)]
+                h, logits_slice = h[:, (rows - 1).clamp(min=0)], None
         if logits_slice is not None:
             h = h[:, logits_slice]
         if logits_index is not None:
@@ -304,10 +300,11 @@ class LLaDA(nn.Module):
     def init_weights(self, generator=None, std=None):
         """Random init for tiny models and benchmarks: ones for the norms, normal(0, 0.1) for Dream's q/k/v biases,
         normal(0, 1/sqrt(fan_in)) for every matrix (a Linear's weight is (out, in) and an embedding's (vocab,
-        d_model), so fan_in is shape[-1]), or normal(0, std) if `std` is given. Why fan-in and not a fixed 0.02: at the tiny width (128) 0.02 is 4x below the fan-in scale,
-        the attention logits start near 0 (~0.05), and the tiny Sudoku model then sat on a loss plateau (digits
-        learned, given cells not yet copied) for 250 to 400+ steps, exiting at a step that changed with the CPU's
-        float rounding. With fan-in init the same runs left it by step 50-75 (docs/tiny_sudoku_rl_probes.md, 4).
+        d_model), so fan_in is shape[-1]), or normal(0, std) if `std` is given. Why fan-in and not a fixed 0.02: at
+        the tiny width (128) 0.02 is 4x below the fan-in scale, the attention logits start near 0 (~0.05), and the
+        tiny Sudoku model then sat on a loss plateau (digits learned, given cells not yet copied) for 250 to 400+
+        steps, exiting at a step that changed with the CPU's float rounding. With fan-in init the same runs left it
+        by step 50-75 (docs/tiny_sudoku_rl_probes.md, 4).
         """
         for name, p in self.named_parameters():
             if name.endswith("proj.bias"):  # Dream's q/k/v biases: small, but not zero (a test must see them)
@@ -381,20 +378,40 @@ class LoRALinear(nn.Module):
         return (self.weight.float() + self.delta()).to(dtype)
 
 
-# Dream's module names (Qwen2's) for ours: LoRA targets and PEFT adapters of a Dream model use them.
-_DREAM_LEAVES = {"attn_out": "o_proj", "ff_proj": "gate_proj", "up_proj": "up_proj", "q_proj": "q_proj",
-                 "k_proj": "k_proj", "v_proj": "v_proj"}
+# Dream's weight names (Qwen2's) <-> ours (model.py's modules, LLaDA's official names), as (theirs, ours) prefixes:
+# weights.py renames a checkpoint's keys at the file's edge, so one network serves both; LoRA targets and PEFT
+# adapters of a Dream model use its names too.
+_DREAM_TOP = (("model.embed_tokens.", "model.transformer.wte."), ("lm_head.", "model.transformer.ff_out."),
+              ("model.norm.", "model.transformer.ln_f."))
+_DREAM_BLOCK = (("input_layernorm.", "attn_norm."), ("post_attention_layernorm.", "ff_norm."),
+                ("self_attn.q_proj.", "q_proj."), ("self_attn.k_proj.", "k_proj."), ("self_attn.v_proj.", "v_proj."),
+                ("self_attn.o_proj.", "attn_out."), ("mlp.gate_proj.", "ff_proj."), ("mlp.up_proj.", "up_proj."),
+                ("mlp.down_proj.", "ff_out."))
+_LAYERS = ("model.layers.", "model.transformer.blocks.")
+
+
+def dream_key(key, arch, to_official):
+    """A parameter name in the official checkpoint's naming (to_official) or in ours (from it); the identity for
+    LLaDA, whose official names are ours. A Dream name that matches nothing comes back as 'unknown:NAME' (a key
+    check then reports it)."""
+    if arch != "dream":
+        return key
+    src, dst = (1, 0) if to_official else (0, 1)
+    for pair in _DREAM_TOP:
+        if key.startswith(pair[src]):
+            return pair[dst] + key[len(pair[src]):]
+    if key.startswith(_LAYERS[src]):
+        n, _, rest = key[len(_LAYERS[src]):].partition(".")
+        for pair in _DREAM_BLOCK:
+            if rest.startswith(pair[src]):
+                return f"{_LAYERS[dst]}{n}.{pair[dst]}{rest[len(pair[src]):]}"
+    return "unknown:" + key
 
 
 def official_leaf(path, arch):
     """The official name of the linear layer at module path `path` (ours: model.transformer.blocks.3.ff_out): LLaDA's
-    are ours; Dream's are Qwen2's (o_proj, gate_proj, down_proj; its head is lm_head, not ff_out)."""
-    leaf = path.rsplit(".", 1)[-1]
-    if arch != "dream":
-        return leaf
-    if leaf == "ff_out":
-        return "down_proj" if ".blocks." in path else "lm_head"
-    return _DREAM_LEAVES.get(leaf, leaf)
+    is ours; Dream's is Qwen2's (o_proj, gate_proj, down_proj; its head is lm_head, not ff_out)."""
+    return dream_key(path + ".weight", arch, to_official=True).split(".")[-2]
 
 
 def apply_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, generator=None):
@@ -412,8 +429,7 @@ def apply_lora(model, r, alpha, dropout=0.0, targets=LORA_TARGETS, generator=Non
                 fresh = LoRALinear(child, r, alpha, dropout, generator)
                 fresh.set_frozen(child.lora_frozen_A.detach(), child.lora_frozen_B.detach())
                 setattr(parent, name, fresh)
-            elif (name in targets or official_leaf(f"{path}.{name}", arch) in targets) and \
-                    isinstance(child, nn.Linear):
+            elif isinstance(child, nn.Linear) and (name in targets or official_leaf(f"{path}.{name}", arch) in targets):
                 setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator))
     if not has_lora(model):
         raise ValueError(f"apply_lora: no nn.Linear named any of {targets}")
@@ -547,12 +563,10 @@ def tiny_tokenizer(arch="llada"):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
     tok.decoder = decoders.Fuse()  # concatenate, no spaces in between
     tok.add_special_tokens(specials)
-    if arch == "dream":
-        t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                    mask_token="<|mask|>", unk_token="<unk>")
-    else:
-        t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                    pad_token="<|endoftext|>", mask_token="<|mdm_mask|>", unk_token="<unk>")
+    roles = dict(mask_token="<|mask|>") if arch == "dream" else dict(bos_token="<|startoftext|>",
+                                                                     mask_token="<|mdm_mask|>")
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                unk_token="<unk>", **roles)
     t.chat_template = DREAM_CHAT_TEMPLATE if arch == "dream" else CHAT_TEMPLATE
     t.padding_side = "left"
     return t

@@ -351,33 +351,34 @@ def dream_generate(model, prompt_ids, attention_mask=None, *, gen_length=128, st
     x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)
     attn = None if attention_mask is None or bool(attention_mask.all()) else torch.cat(
         [attention_mask.to(torch.long), attention_mask.new_ones((B, gen_length), dtype=torch.long)], dim=1)
-    # Dream's arithmetic exactly: float32 timesteps, n = int(float32(m) * (1 - s / t)) (in float64 the int() of a
-    # product near an integer could round the other way and commit one token more or less)
-    timesteps = torch.linspace(1, eps, steps + 1)
+    timesteps = torch.linspace(1, eps, steps + 1)  # float32, as Dream's
     canvas, m, passes = x[:, P:], gen_length, 0  # canvas: a view; m: the most masked positions in any row
     for i in range(steps):
-        frac = float(1 - timesteps[i + 1] / timesteps[i])  # 1 - s / t
-        pos, valid = masked_first(canvas, mask_id, m)  # (B, m): each row's masked positions first, in order
-        logits = model(x, attn, logits_index=P + pos)  # (B, m, V)
-        passes += 1
-        conf, x0 = dream_propose(logits[valid], temperature, top_p, top_k, alg, generator)  # (n,) row-major
         last = i == steps - 1
-        if alg == "origin":
-            commit = torch.rand(conf.shape, generator=generator, device=conf.device) < (1.0 if last else frac)
-            new = torch.where(commit, x0, mask_id)
-            canvas.scatter_(1, pos, canvas.gather(1, pos).masked_scatter(valid, new))
+        frac = 1 - timesteps[i + 1] / timesteps[i]  # 1 - s / t, a float32 scalar: Dream's arithmetic exactly
+        if alg == "origin":  # each row commits a random number: its masked positions first, the rest flagged
+            pos, valid = masked_first(canvas, mask_id, m)  # (B, m)
+            logits = model(x, attn, logits_index=P + pos)  # (B, m, V)
+            passes += 1
+            conf, x0 = dream_propose(logits[valid], temperature, top_p, top_k, alg, generator)  # (n,) row-major
+            commit = torch.rand(conf.shape, generator=generator, device=conf.device) < (1.0 if last else float(frac))
+            canvas.scatter_(1, pos, canvas.gather(1, pos).masked_scatter(valid, torch.where(commit, x0, mask_id)))
+            m = int((canvas == mask_id).sum(1).max())  # one host sync per step
         else:
-            # every row has m masked and commits n per step
-            n = m if last else int(torch.tensor(float(m)) * (1 - timesteps[i + 1] / timesteps[i]))
+            # Every row holds m masks and commits the same n = int(m (1 - s/t)) (all that remain at the last step):
+            # int() of the float32 product, as Dream's (in float64 it could round the other way near an integer).
+            # A step that commits nothing needs no forward pass.
+            n = m if last else int(m * frac)
             if n > 0:
-                full = torch.full((B, m), -math.inf, device=x.device).masked_scatter(valid, conf.float())
-                if not alg_temp:
-                    top = full.topk(n, -1).indices
-                else:
-                    top = torch.multinomial((full / alg_temp).softmax(-1), n, generator=generator)
-                props = torch.zeros_like(pos).masked_scatter(valid, x0)
-                canvas.scatter_(1, pos.gather(1, top), props.gather(1, top))
-        m = int((canvas == mask_id).sum(1).max())
+                pos, _ = masked_first(canvas, mask_id, m)  # (B, m), all masked
+                logits = model(x, attn, logits_index=P + pos)  # (B, m, V)
+                passes += 1
+                conf, x0 = (t.view(B, m) for t in dream_propose(logits.flatten(0, 1), temperature, top_p, top_k,
+                                                                 alg, generator))
+                top = conf.topk(n, -1).indices if not alg_temp else \
+                    torch.multinomial((conf / alg_temp).softmax(-1), n, generator=generator)  # (B, n)
+                canvas.scatter_(1, pos.gather(1, top), x0.gather(1, top))
+                m -= n
         if on_step:
             on_step(x, P, P + gen_length)
         if m == 0:

@@ -19,7 +19,7 @@ import shutil
 import torch
 import torch.nn as nn
 
-from model import (LLADA_HUB_ID, LLaDA, LLaDAConfig, LoRALinear, UsageError, has_lora, load_adapter_state,
+from model import (LLADA_HUB_ID, LLaDA, LLaDAConfig, LoRALinear, UsageError, dream_key, has_lora, load_adapter_state,
                    lora_state_dict, merge_survival, merged_state_dict, official_leaf, tiny_config, tiny_tokenizer)
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -124,45 +124,6 @@ def _checkpoint_shards(model_dir):
     return {"model.safetensors": read_safetensors(single, keys_only=True)}
 
 
-# Dream's weight names (Qwen2's) -> ours (model.py's modules, LLaDA's official names): renamed at the file's edge, so
-# one network serves both. Keys inside a block: Dream's prefix -> ours.
-_DREAM_TOP = {"model.embed_tokens.": "model.transformer.wte.", "lm_head.": "model.transformer.ff_out.",
-              "model.norm.": "model.transformer.ln_f."}
-_DREAM_BLOCK = {"input_layernorm.": "attn_norm.", "post_attention_layernorm.": "ff_norm.",
-                "self_attn.q_proj.": "q_proj.", "self_attn.k_proj.": "k_proj.", "self_attn.v_proj.": "v_proj.",
-                "self_attn.o_proj.": "attn_out.", "mlp.gate_proj.": "ff_proj.", "mlp.up_proj.": "up_proj.",
-                "mlp.down_proj.": "ff_out."}
-
-
-def ours_from_file(key, arch):
-    """A checkpoint's key -> model.py's (the identity for LLaDA)."""
-    if arch != "dream":
-        return key
-    for theirs, ours in _DREAM_TOP.items():
-        if key.startswith(theirs):
-            return ours + key[len(theirs):]
-    if key.startswith("model.layers."):
-        n, rest = key[len("model.layers."):].split(".", 1)
-        for theirs, ours in _DREAM_BLOCK.items():
-            if rest.startswith(theirs):
-                return f"model.transformer.blocks.{n}.{ours}{rest[len(theirs):]}"
-    return "unknown:" + key  # reported as unexpected by load_model's key check
-
-
-def file_from_ours(key, arch):
-    """model.py's key -> the official checkpoint's (the identity for LLaDA)."""
-    if arch != "dream":
-        return key
-    for theirs, ours in _DREAM_TOP.items():
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    n, rest = key[len("model.transformer.blocks."):].split(".", 1)
-    for theirs, ours in _DREAM_BLOCK.items():
-        if rest.startswith(ours):
-            return f"model.layers.{n}.{theirs}{rest[len(ours):]}"
-    raise KeyError(key)
-
-
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     """Load an official-format LLaDA checkpoint. The model is built on the meta device (no memory), then each shard
     is read and its tensors ASSIGNED into the model (cast to `dtype` on `device`) before the next shard is opened,
@@ -178,7 +139,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = LLaDA(cfg)
     shards = _checkpoint_shards(model_dir)
-    expected = {file_from_ours(k, cfg.arch) for k in model.state_dict()}
+    expected = {dream_key(k, cfg.arch, to_official=True) for k in model.state_dict()}
     found = {k for keys in shards.values() for k in keys}
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
@@ -187,7 +148,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
                        f"  unexpected ({len(unexpected)}): {unexpected[:10]}")
     for shard in sorted(shards):
         sd = read_safetensors(os.path.join(model_dir, shard), device)
-        sd = {ours_from_file(k, cfg.arch): v.to(dtype) for k, v in sd.items()}
+        sd = {dream_key(k, cfg.arch, to_official=False): v.to(dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)  # assign: the loaded tensors become the parameters
         del sd
     model.eval()
@@ -248,7 +209,8 @@ def save_model(model, out_dir, tokenizer=None, max_shard_bytes=5 * 2**30, merge=
         sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
         if has_lora(model):
             save_lora(model, out_dir)
-    _write_safetensors({file_from_ours(k, model.cfg.arch): v for k, v in sd.items()}, out_dir, max_shard_bytes)
+    official = {dream_key(k, model.cfg.arch, to_official=True): v for k, v in sd.items()}  # Dream: its own names
+    _write_safetensors(official, out_dir, max_shard_bytes)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(model.cfg.to_dict(), f, indent=2)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -336,7 +298,7 @@ def load_peft(model, path):
     module with factors gets W x + s B A x with PEFT's s = lora_alpha / r (or / sqrt(r) with use_rslora)."""
     cfg, factors = read_peft(path)
     arch = model.cfg.arch  # a Dream adapter names Dream's modules (model.layers.N.self_attn.q_proj): ours from them
-    factors = {ours_from_file(m + ".weight", arch)[:-len(".weight")]: f for m, f in factors.items()}
+    factors = {dream_key(m + ".weight", arch, to_official=False)[:-len(".weight")]: f for m, f in factors.items()}
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     modules = dict(model.named_modules())
@@ -381,7 +343,7 @@ def save_peft(model, out_dir, base_model_name_or_path):
     for name, (A, B) in tensors.items():
         pad = r - A.shape[0]
         A, B = torch.cat([A, A.new_zeros(pad, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
-        official = file_from_ours(name + ".weight", model.cfg.arch)[:-len(".weight")]  # Dream: its own names
+        official = dream_key(name + ".weight", model.cfg.arch, to_official=True)[:-len(".weight")]  # Dream: its own
         sd[f"{PEFT_PREFIX}{official}.lora_A.weight"] = A.contiguous().cpu()
         sd[f"{PEFT_PREFIX}{official}.lora_B.weight"] = B.contiguous().cpu()
     m0 = next(iter(mods.values()))

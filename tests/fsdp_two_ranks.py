@@ -1,9 +1,9 @@
-"""Run by tests/test_fsdp.py under torchrun (2 gloo ranks), with OUT as its argument: tiny runs of sft.py with --fsdp
-(OUT/NAME_fsdp; the test runs them on 1 process), and of diffu_grpo.py and methods.py with and without --fsdp
-(OUT/NAME_fsdp, OUT/NAME_ddp), all in this one process group, for the test to compare their exports. Also: an SFT run halted on 2 ranks (OUT/sft_2to1,
-resumed by the test on 1 process), the resume on 2 ranks of a run the test halted on 1 (OUT/sft_1to2), and a
-diffu-GRPO run halted on 2 ranks whose state at the halt is saved in full (OUT/rl_halt_state.pt) for the test to
-compare with what a 1-process resume loads."""
+"""Run by tests/test_fsdp.py under torchrun (2 gloo ranks), with OUT as its argument: tiny runs of sft.py with
+--fsdp (OUT/NAME_fsdp; the test runs them on 1 process), and of diffu_grpo.py and methods.py with and without --fsdp
+(OUT/NAME_fsdp, OUT/NAME_ddp), all in this one process group, for the test to compare their exports. Also: an SFT
+run halted on 2 ranks (OUT/sft_2to1, resumed by the test on 1 process), the resume on 2 ranks of a run the test
+halted on 1 (OUT/sft_1to2), and a diffu-GRPO run halted on 2 ranks whose state at the halt is saved in full
+(OUT/rl_halt_state.pt) for the test to compare with what a 1-process resume loads."""
 import os
 import sys
 

@@ -92,7 +92,8 @@ def dream_forward(sd, c, ids, am=None):
         att = torch.softmax(scores, -1).nan_to_num(0.0)  # a pad query's row is all masked: never read
         x = x + (att @ v).transpose(1, 2).reshape(B, T, d) @ w("self_attn.o_proj.weight").T
         y = rms(x, w("post_attention_layernorm.weight"))
-        x = x + (F.silu(y @ w("mlp.gate_proj.weight").T) * (y @ w("mlp.up_proj.weight").T)) @ w("mlp.down_proj.weight").T
+        gate, up = y @ w("mlp.gate_proj.weight").T, y @ w("mlp.up_proj.weight").T
+        x = x + (F.silu(gate) * up) @ w("mlp.down_proj.weight").T
     return rms(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
 
 
