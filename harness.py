@@ -80,7 +80,9 @@ def load_checkpoint(path, tr, with_best=True):
             sd = {}
             for shard in W._checkpoint_shards(path):
                 sd.update(W.read_safetensors(os.path.join(path, shard)))
-            tr.model.load_state_dict({k: v.to(tr.model.state_dict()[k].dtype) for k, v in sd.items()})
+            ours = tr.model.state_dict()  # a checkpoint is in the official layout: Dream's carries Dream's names
+            sd = {M.dream_key(k, tr.model.cfg.arch, to_official=False): v for k, v in sd.items()}
+            tr.model.load_state_dict({k: v.to(ours[k].dtype) for k, v in sd.items()})
         extra = os.path.join(path, "extra.pt")
         best = read_torch(extra)["best_state"] if with_best and os.path.exists(extra) else None
     state = read_torch(os.path.join(path, "trainer_state.pt"))

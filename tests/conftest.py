@@ -12,6 +12,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import model as M  # noqa: E402
+import weights as W  # noqa: E402
+
+# The tiny model the suite runs on: "tiny" (LLaDA's architecture) by default. D1_TEST_MODEL=tiny-dream runs the same
+# tests on the tiny Dream (q/k/v biases, Dream's positions, the logit shift, its chat turns); the tests that check
+# one architecture's official layout name theirs.
+TINY = os.environ.get("D1_TEST_MODEL", "tiny")
+if TINY not in W.TINY:
+    raise SystemExit(f"D1_TEST_MODEL={TINY!r}: choose one of {sorted(W.TINY)}")
+ARCH = W.TINY[TINY]
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -79,13 +88,13 @@ def write_official_checkpoint(out_dir, cfg=None, n_shards=3, seed=0, dtype=torch
 
 @pytest.fixture(scope="session")
 def tok():
-    return M.tiny_tokenizer()
+    return M.tiny_tokenizer(ARCH)
 
 
 @pytest.fixture
 def tiny(tok):
     """A fresh random tiny model (fp32, eval mode)."""
-    return M.LLaDA(M.tiny_config(tok)).init_weights(torch.Generator().manual_seed(0)).eval()
+    return M.LLaDA(M.tiny_config(tok, arch=ARCH)).init_weights(torch.Generator().manual_seed(0)).eval()
 
 
 def encode_chat(tok, texts):

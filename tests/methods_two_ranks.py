@@ -17,10 +17,11 @@ import diffu_grpo as D  # noqa: E402
 import methods  # noqa: E402
 import model as M  # noqa: E402
 import parallel  # noqa: E402
+from conftest import TINY, ARCH  # noqa: E402
 
 rank, _, world, _ = common.compute_init("cpu")
-tok = M.tiny_tokenizer()
-base = M.LLaDA(M.tiny_config(tok)).init_weights(torch.Generator().manual_seed(0))
+tok = M.tiny_tokenizer(ARCH)
+base = M.LLaDA(M.tiny_config(tok, arch=ARCH)).init_weights(torch.Generator().manual_seed(0))
 g = torch.Generator().manual_seed(1)
 G, N, P, L, mu = 3, 6, 7, 16, 2
 prompt = torch.randint(3, 100, (N, P), generator=g)
@@ -46,7 +47,7 @@ def updates(cfg, name, masks, rows, w):
 
 
 for name in ("d1", "wd1", "spg", "espo"):
-    cfg = methods.get_args(["--model", "tiny", "--method", name, "--gen-length", str(L), "--block-length", "8", "--steps",
+    cfg = methods.get_args(["--model", TINY, "--method", name, "--gen-length", str(L), "--block-length", "8", "--steps",
                       "2", "--num-generations", str(G), "--num-iterations", str(mu), "--micro-batch-size", "3"])
     gen = torch.Generator().manual_seed(2)  # the same masks on both ranks: drawn for the whole batch
     masks = methods.METHODS[name].draw(gen, mu, attn, cmask, cfg)

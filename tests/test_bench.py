@@ -6,6 +6,7 @@ import bench
 import diffu_grpo as D
 import model as M
 import sample as S
+from conftest import ARCH
 
 SMALL = ["--config", "cpu-small", "--batch", "2", "--prompt-len", "16", "--gen-length", "32", "--block-length", "16",
          "--steps", "4", "--mu", "2", "--lora-r", "8"]
@@ -33,8 +34,8 @@ def test_bench_runs_every_section_and_writes_its_tables(tmp_path):
 def test_the_d1_style_passes_compute_our_numbers():
     """bench's d1-style step differs from ours in cost only: its full-sequence log-prob pass gives our
     per_token_logps, and its sampler (noise in the model's dtype, autograd on) our greedy tokens."""
-    tok = M.tiny_tokenizer()
-    model = M.LLaDA(M.tiny_config(tok)).init_weights(torch.Generator().manual_seed(0)).eval()
+    tok = M.tiny_tokenizer(ARCH)
+    model = M.LLaDA(M.tiny_config(tok, arch=ARCH)).init_weights(torch.Generator().manual_seed(0)).eval()
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(7, 104, (3, 9), generator=g)
     attn = torch.ones_like(prompt)

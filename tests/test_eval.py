@@ -6,9 +6,9 @@ import torch
 
 import eval as E
 import model as M
-from conftest import launch
+from conftest import ARCH, TINY, launch
 
-TINY_EVAL = ["--model", "tiny", "--protocol", "clean", "--prompt-style", "compact", "--gen-length", "32", "--block-length", "16",
+TINY_EVAL = ["--model", TINY, "--protocol", "clean", "--prompt-style", "compact", "--gen-length", "32", "--block-length", "16",
              "--limit", "5", "--batch-size", "2"]
 
 
@@ -79,7 +79,7 @@ def test_two_rank_gloo_run_gives_the_same_records_as_one_rank(tmp_path):
 def test_d1_protocol_scores_do_not_depend_on_batch_size_and_records_what_was_encoded(tmp_path):
     """d1's protocol on d1's own Sudoku file: with the attention mask, batch 1 and batch 5 give the same
     generations (d1's unmasked batches would not); each record keeps d1's question and the exact input text."""
-    base = ["--model", "tiny", "--gen-length", "32", "--block-length", "16", "--limit", "5", "--task", "sudoku"]
+    base = ["--model", TINY, "--gen-length", "32", "--block-length", "16", "--limit", "5", "--task", "sudoku"]
     E.main(base + ["--batch-size", "1", "--out-dir", str(tmp_path / "b1")])
     E.main(base + ["--batch-size", "5", "--out-dir", str(tmp_path / "b5")])
     a, b = records(tmp_path / "b1" / "generations.jsonl"), records(tmp_path / "b5" / "generations.jsonl")
@@ -91,7 +91,7 @@ def test_d1_protocol_scores_do_not_depend_on_batch_size_and_records_what_was_enc
 
 
 def test_d1_protocol_scores_the_whole_canvas_with_special_tokens_and_clean_stops_at_eos():
-    tok = M.tiny_tokenizer()
+    tok = M.tiny_tokenizer(ARCH)
     text = "<answer>\n1234123412341234\n</answer>"
     ids = tok(text + "<|eot_id|><|endoftext|><|endoftext|>" + "77", add_special_tokens=False)["input_ids"]
     completion = torch.tensor([ids])

@@ -13,7 +13,7 @@ import diffu_grpo as D
 import harness
 import sft
 import weights as W
-from conftest import launch
+from conftest import TINY, launch
 from fsdp_settings import RL, SFT
 from test_runs import assert_same_bits, cli, ok
 
@@ -22,7 +22,7 @@ def close(a, b, tol=2e-5):
     """The largest difference between two exports' weights, asserted below tol, and how far the first moved from
     its random start (a comparison of two runs that learned nothing would prove nothing)."""
     wa, wb = W.load_model(str(a)).state_dict(), W.load_model(str(b)).state_dict()
-    start = W.build("tiny", seed=0)[0].state_dict()
+    start = W.build(TINY, seed=0)[0].state_dict()
     assert wa.keys() == wb.keys()
     diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
     start.update({k: torch.zeros_like(v) for k, v in wa.items() if "lora_B" in k})  # LoRA's B starts at 0
@@ -55,7 +55,7 @@ def test_fsdp_on_two_ranks_trains_what_one_process_and_ddp_train_and_its_checkpo
     # its sharded checkpoint holds exactly the weights and AdamW state the 2 ranks held.
     saved = torch.load(tmp_path / "rl_halt_state.pt", weights_only=False)
     cfg = D.get_config(RL + ["--lora-r", "0", "--beta", "0.04", "--fsdp"])[0]
-    model = W.build("tiny", seed=cfg.seed)[0]
+    model = W.build(TINY, seed=cfg.seed)[0]
     params = list(model.parameters())
     tr = common.make_trainer(model, params, cfg, cfg.max_steps)
     meta, _ = harness.load_checkpoint(str(tmp_path / "rl_halt/checkpoint"), tr)

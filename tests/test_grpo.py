@@ -10,9 +10,9 @@ import diffu_grpo as D
 import model as M
 from common import Trainer
 import weights as W
-from conftest import launch
+from conftest import ARCH, TINY, launch
 
-TINY_RL = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
+TINY_RL = ["--model", TINY, "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
            "--gen-length", "32", "--block-length", "16", "--steps", "8", "--num-generations", "3",
            "--prompts-per-step", "1", "--micro-batch-size", "3", "--lora-r", "4", "--lr", "1e-3",
            "--sample-every", "0", "--preset", "d1"]  # d1's values for every flag not given, on the tiny model
@@ -248,7 +248,7 @@ def test_rl_from_an_sft_adapter_starts_at_the_sft_model_and_its_reference_is_the
     """d1 starts RL from the SFT model. The SFT adapter (--adapter) is kept exactly (frozen factors): the policy
     starts AT the SFT model, the reference policy (trainable adapters off) IS the SFT model, and after RL steps the
     exact export reloads the trained policy."""
-    sft, _ = W.build("tiny", seed=0)
+    sft, _ = W.build(TINY, seed=0)
     M.apply_lora(sft, 4, 8, targets=("q_proj", "k_proj", "v_proj"), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for n, p in sft.named_parameters():
@@ -277,7 +277,7 @@ def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monk
     native and portable (ATEN_CPU_CAPABILITY=default) kernels: from 0.001-0.013 to 0.20-0.64 (worst gain +0.20);
     the assertion asks for a tenth of the worst gain. (Whether RL beats SFT on Sudoku is a question for the sweep,
     runs/tiny_sudoku_sweep.sh, not for a test: its margin in the worst run is within a short test's noise.)"""
-    tok = M.tiny_tokenizer()
+    tok = M.tiny_tokenizer(ARCH)
     seven = tok.convert_tokens_to_ids("7")
     monkeypatch.setitem(D.REWARDS, "sudoku", [(lambda prompts, completions, **kw:
                                                [c.count("7") / max(1, len(c)) for c in completions], 1.0)])
@@ -291,8 +291,8 @@ def test_diffu_grpo_with_d1s_knobs_raises_the_expected_reward_of_its_policy(monk
         with torch.no_grad():
             return model.eval()(x)[:, ids.shape[1]:].softmax(-1)[..., seven].mean().item()
 
-    before = expected_reward(W.build("tiny", seed=0)[0])
-    policy = D.main(["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--train-n", "64",
+    before = expected_reward(W.build(TINY, seed=0)[0])
+    policy = D.main(["--model", TINY, "--task", "sudoku", "--prompt-style", "compact", "--train-n", "64",
                      "--gen-length", "16", "--block-length", "16", "--steps", "1", "--temperature", "1.0",
                      "--num-generations", "8", "--prompts-per-step", "4", "--micro-batch-size", "32", "--lora-r", "0",
                      "--lr", "1e-3", "--num-iterations", "2", "--max-steps", "40", "--beta", "0.04",

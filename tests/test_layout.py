@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY
 
 MODULES = sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "*.py")))
 
@@ -79,7 +79,7 @@ def test_rewards_py_scores_a_completion_from_the_command_line():
 
 def test_a_run_prints_every_log_every_steps_and_the_last_then_names_its_export_and_next_commands(tmp_path, capsys):
     import sft
-    sft.main(["--model", "tiny", "--max-steps", "7", "--log-every", "3", "--eval-every", "0", "--eval-n", "8",
+    sft.main(["--model", TINY, "--max-steps", "7", "--log-every", "3", "--eval-every", "0", "--eval-n", "8",
               "--out-dir", str(tmp_path / "s")])
     out = capsys.readouterr().out
     assert re.findall(r"^step (\d+) \|", out, re.M) == ["3", "6", "7"]

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import diffu_grpo as D
 import methods
 from common import Trainer
-from conftest import launch
+from conftest import TINY, launch
 
-BASE = ["--model", "tiny", "--gen-length", "16", "--block-length", "8", "--steps", "2", "--num-generations", "3"]
+BASE = ["--model", TINY, "--gen-length", "16", "--block-length", "8", "--steps", "2", "--num-generations", "3"]
 
 
 def cfg_for(method, *extra):
@@ -226,14 +226,14 @@ def test_two_gloo_ranks_give_the_update_of_one_process_for_every_method():
 
 
 def test_each_method_gets_its_authors_values_and_refuses_flags_it_does_not_use(capsys):
-    c = {m: methods.get_args(["--model", "tiny", "--method", m]) for m in ("d1", "wd1", "spg", "espo")}
+    c = {m: methods.get_args(["--model", TINY, "--method", m]) for m in ("d1", "wd1", "spg", "espo")}
     assert c["d1"].beta == 0.04 and c["d1"].epsilon == 0.5  # d1 is untouched
     assert c["wd1"].beta == 0 and c["spg"].beta == 0 and c["spg"].spg_beta == 1.0  # Sudoku: SPG's beta_EUBO 1.0
     assert (c["espo"].epsilon, c["espo"].beta) == (0.2, 1e-2)
-    assert methods.get_args(["--model", "tiny", "--method", "espo", "--task", "countdown"]).beta == 3e-3
+    assert methods.get_args(["--model", TINY, "--method", "espo", "--task", "countdown"]).beta == 3e-3
     for argv in (["--method", "wd1", "--beta", "0.1"], ["--method", "spg", "--epsilon", "0.3"],
                  ["--method", "espo", "--p-mask-prompt", "0.1"], ["--spg-mode", "eubo"],
                  ["--method", "spg", "--espo-mc", "4"], ["--method", "spg", "--spg-beta", "0.5"]):
         with pytest.raises(SystemExit):
-            methods.get_args(["--model", "tiny"] + argv)
+            methods.get_args(["--model", TINY] + argv)
         assert "--method" in capsys.readouterr().err or "--spg-beta" in argv

@@ -22,6 +22,7 @@ import sft
 import weights as W
 from test_grpo import digits_reward
 from test_runs import RL, SFT, cli, logged_steps, ok
+from conftest import TINY
 
 def finished(cases):
     """(script, argv, what, process) launched together -> the same with each process's CompletedProcess."""
@@ -144,13 +145,13 @@ def test_every_script_answers_a_usage_error_in_one_line(tmp_path):
     for script, argv, what in [
             ("sample.py", ["--model", "/nonexistent/dir"], "no such directory"),
             ("sample.py", ["--gen-length", "30", "--block-length", "8"], "not a multiple"),
-            ("eval.py", ["--model", "tiny", "--out-dir", str(a_file)], "is a file"),
+            ("eval.py", ["--model", TINY, "--out-dir", str(a_file)], "is a file"),
             ("eval.py", ["--rescore", str(tmp_path / "missing.jsonl")], "No such file"),
-            ("eval.py", ["--model", "tiny", "--gen-length", "40", "--block-length", "32"], "not a multiple"),
+            ("eval.py", ["--model", TINY, "--gen-length", "40", "--block-length", "32"], "not a multiple"),
             ("bench.py", ["--config", "huge"], "invalid choice"),
-            ("sft.py", ["--model", "tiny", "--out-dir", str(a_file)], "is a file"),
-            ("diffu_grpo.py", ["--model", "tiny", "--out-dir", str(a_file / "sub")], "cannot be created"),
-            ("sft.py", ["--model", "tiny", "--resume", "--out-dir", str(tmp_path / "empty")], "no run to continue"),
+            ("sft.py", ["--model", TINY, "--out-dir", str(a_file)], "is a file"),
+            ("diffu_grpo.py", ["--model", TINY, "--out-dir", str(a_file / "sub")], "cannot be created"),
+            ("sft.py", ["--model", TINY, "--resume", "--out-dir", str(tmp_path / "empty")], "no run to continue"),
             ("rewards.py", ["--task", "countdown", "--completion", "1+2"], "needs --nums")]:
         cases.append((script, argv, what, cli(script, argv, wait=False)))
     for script, argv, what, p in finished(cases):
@@ -170,9 +171,9 @@ def test_a_data_file_without_usable_rows_is_named_with_counts_before_the_model_l
             ("eval.py", sudoku + ["--protocol", "clean", "--out-dir", str(tmp_path / "e")], "no puzzles"),
             ("diffu_grpo.py", sudoku + ["--out-dir", str(tmp_path / "r")], "no puzzles"),
             ("sft.py", sudoku + ["--out-dir", str(tmp_path / "s")], "no puzzles"),
-            ("eval.py", ["--model", "tiny", "--task", "gsm8k", "--protocol", "clean", "--data-path", str(empty),
+            ("eval.py", ["--model", TINY, "--task", "gsm8k", "--protocol", "clean", "--data-path", str(empty),
                          "--out-dir", str(tmp_path / "g")], "no rows"),
-            ("diffu_grpo.py", ["--model", "tiny", "--task", "countdown", "--data-path", str(four), "--out-dir",
+            ("diffu_grpo.py", ["--model", TINY, "--task", "countdown", "--data-path", str(four), "--out-dir",
                                str(tmp_path / "c")], "none of its 1 rows has 3 numbers")]:
         cases.append((script, argv, what, cli(script, argv, wait=False)))
     for script, argv, what, p in finished(cases):
@@ -185,7 +186,7 @@ def test_a_data_file_without_usable_rows_is_named_with_counts_before_the_model_l
 def test_an_unfinished_run_given_as_model_or_adapter_is_named_with_the_command_that_finishes_it(tmp_path):
     out = tmp_path / "run"
     ok(cli("sft.py", SFT + ["--out-dir", str(out), "--halt-after", "2"]))
-    launched = [cli("sample.py", [flag, str(out)] + (["--model", "tiny"] if flag == "--adapter" else []), wait=False)
+    launched = [cli("sample.py", [flag, str(out)] + (["--model", TINY] if flag == "--adapter" else []), wait=False)
                 for flag in ("--model", "--adapter")]
     for _, _, _, p in finished([(None, None, None, q) for q in launched]):
         assert ONE_LINE(p) and "unfinished run" in p.stderr and "step 2" in p.stderr, p.stderr
@@ -199,7 +200,7 @@ def test_eval_takes_a_tiny_exports_own_settings_unless_flags_say_otherwise(tmp_p
     import eval as E
     export = tmp_path / "rl"
     os.makedirs(export)
-    run = D.get_args(["--model", "tiny", "--task", "sudoku"])
+    run = D.get_args(["--model", TINY, "--task", "sudoku"])
     with open(export / "meta.json", "w") as f:
         json.dump({"args": config_dict(run)}, f)
     args = E.get_args(["--model", str(export)])
@@ -224,7 +225,7 @@ def test_overwrite_never_deletes_the_model_a_run_starts_from_and_an_export_is_no
     sft.main(SFT + ["--max-steps", "2", "--out-dir", str(out)])
     final = out / "final"
     for argv, what in [(["--model", str(final), "--out-dir", str(out), "--overwrite"], "inside --out-dir"),
-                       (["--model", "tiny", "--out-dir", str(final), "--overwrite"], "holds a model")]:
+                       (["--model", TINY, "--out-dir", str(final), "--overwrite"], "holds a model")]:
         with pytest.raises(M.UsageError, match=what):
             sft.main(SFT[2:] + argv)
     assert W.load_model(str(final)) is not None and (out / "metrics.jsonl").exists()

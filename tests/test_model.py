@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import model as M
 import weights as W
-from conftest import OFFICIAL_TINY_CONFIG, write_official_checkpoint
+from conftest import OFFICIAL_TINY_CONFIG, TINY, write_official_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -247,7 +247,7 @@ def test_export_of_a_bf16_lora_run_keeps_a_realistically_small_update(tok, tmp_p
     weights' RMS. A bf16 merge would keep almost none of it (refused); the exact export (base + adapter) and the fp32
     merge, loaded back, reproduce the update's effect on the logits to within 5%."""
     from harness import export_model
-    model, _ = W.build("tiny", torch.bfloat16, seed=3)
+    model, _ = W.build(TINY, torch.bfloat16, seed=3)
     ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(6))
     base = model(ids).float()
     M.apply_lora(model, r=8, alpha=16, generator=torch.Generator().manual_seed(0))
@@ -276,7 +276,7 @@ def test_export_of_a_bf16_lora_run_keeps_a_realistically_small_update(tok, tmp_p
 def test_a_second_stage_keeps_the_first_adapter_frozen_exactly_and_exports_both(tok, tmp_path):
     """RL from the SFT model: the SFT adapter becomes frozen factors (part of the starting model, so also of the
     reference policy), a fresh adapter trains on top, and the exact export reloads the stacked policy."""
-    model, _ = W.build("tiny", seed=4)
+    model, _ = W.build(TINY, seed=4)
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(7))
     base = model(ids).detach()
     M.apply_lora(model, r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj"))  # the SFT stage's adapter

@@ -12,11 +12,12 @@ from safetensors.torch import load_file, save_file
 import diffu_grpo as D
 import model as M
 import weights as W
+from conftest import TINY
 
 IDS = torch.randint(0, 90, (2, 14), generator=torch.Generator().manual_seed(5))
 
 
-def write_peft(path, targets=("q_proj", "v_proj"), r=4, alpha=8, base_name="tiny", **extra):
+def write_peft(path, targets=("q_proj", "v_proj"), r=4, alpha=8, base_name=TINY, **extra):
     """A PEFT LoRA folder for `base_name` (the tiny model, seed 0, or an official-format checkpoint directory), as
     PEFT's save_pretrained lays it out."""
     base, _ = W.build(base_name, seed=0)
@@ -58,7 +59,7 @@ def test_a_peft_folder_loads_with_peft_scaling(tmp_path, rslora):
     folder = write_peft(tmp_path / "a", use_rslora=rslora)
     loaded, _ = W.build(folder)  # --model PEFT_DIR: the base it names, with the adapter
     torch.testing.assert_close(loaded(IDS), hand_applied(folder)(IDS), atol=2e-5, rtol=0)
-    via_adapter = W.load_lora(W.build("tiny", seed=0)[0], folder)  # --adapter PEFT_DIR
+    via_adapter = W.load_lora(W.build(TINY, seed=0)[0], folder)  # --adapter PEFT_DIR
     torch.testing.assert_close(via_adapter(IDS), loaded(IDS), atol=0, rtol=0)
 
 
@@ -83,7 +84,7 @@ def test_what_is_not_plain_lora_is_refused_by_name(tmp_path, field, value, messa
 
 
 def test_export_of_stacked_adapters_is_one_exact_peft_adapter(tmp_path):
-    model, tok = W.build("tiny", seed=0)
+    model, tok = W.build(TINY, seed=0)
     W.load_lora(model, write_peft(tmp_path / "sft", r=4, alpha=8))  # stage 1 (as PEFT saved it)
     M.apply_lora(model, 2, 4.0, targets=("q_proj", "k_proj"), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():  # stage 2 trained: non-zero B
@@ -108,7 +109,7 @@ def digits(prompts, completions, **kw):
 def test_rl_starts_from_a_peft_adapter_and_exports_one_peft_adapter_of_the_trained_policy(tmp_path, monkeypatch):
     monkeypatch.setitem(D.REWARDS, "sudoku", [(digits, 1.0)])
     folder = write_peft(tmp_path / "sft")
-    policy = D.main(["--model", "tiny", "--adapter", folder, "--task", "sudoku", "--max-steps", "4",
+    policy = D.main(["--model", TINY, "--adapter", folder, "--task", "sudoku", "--max-steps", "4",
                      "--num-iterations", "2", "--prompts-per-step", "1", "--num-generations", "4", "--lora-r", "2",
                      "--lora-alpha", "4", "--sample-every", "0", "--out-dir", str(tmp_path / "rl")])
     model = policy.model.eval()
@@ -116,6 +117,6 @@ def test_rl_starts_from_a_peft_adapter_and_exports_one_peft_adapter_of_the_train
         torch.testing.assert_close(model(IDS), hand_applied(folder)(IDS), atol=2e-5, rtol=0)
     trained = model(IDS)
     exported = str(tmp_path / "rl" / "final" / "peft")
-    assert json.load(open(os.path.join(exported, "adapter_config.json")))["base_model_name_or_path"] == "tiny"
+    assert json.load(open(os.path.join(exported, "adapter_config.json")))["base_model_name_or_path"] == TINY
     torch.testing.assert_close(W.build(exported)[0](IDS), trained, atol=2e-5, rtol=0)
     torch.testing.assert_close(hand_applied(exported)(IDS), trained, atol=2e-5, rtol=0)

@@ -14,11 +14,11 @@ import torch
 
 import model as M
 import weights as W
-from conftest import ROOT, free_port
+from conftest import ROOT, TINY, free_port
 
-SFT = ["--model", "tiny", "--task", "sudoku", "--max-steps", "6", "--eval-every", "3", "--train-n", "16",
+SFT = ["--model", TINY, "--task", "sudoku", "--max-steps", "6", "--eval-every", "3", "--train-n", "16",
        "--eval-n", "4", "--batch-size", "4", "--micro-batch-size", "4", "--save-every", "2"]
-RL = ["--model", "tiny", "--task", "sudoku", "--max-steps", "8", "--prompts-per-step", "1", "--num-generations", "4",
+RL = ["--model", TINY, "--task", "sudoku", "--max-steps", "8", "--prompts-per-step", "1", "--num-generations", "4",
       "--micro-batch-size", "4", "--lora-r", "4", "--lora-alpha", "8", "--save-every", "2", "--sample-every", "0"]
 
 
@@ -160,7 +160,7 @@ def test_sigint_checkpoints_and_exits_130_without_a_traceback(tmp_path):
 ])
 def test_nonsense_values_are_refused_in_one_line_before_any_work(script, argv, message):
     t0 = time.time()
-    p = cli(script, ["--model", "tiny"] + argv + ["--out-dir", "/nonexistent/never-created"])
+    p = cli(script, ["--model", TINY] + argv + ["--out-dir", "/nonexistent/never-created"])
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert time.time() - t0 < 60  # no model, no data: it stops at the flags
 
@@ -185,7 +185,7 @@ def test_bad_data_files_are_named_with_the_line_and_what_is_wrong(tmp_path):
     f = write(tmp_path / "b.jsonl", good + '{"question": "2+2?", "answer": \n')
     with pytest.raises(M.UsageError, match=r"b.jsonl:2: not valid JSON"):
         load_task("gsm8k", "train", f)
-    p = cli("diffu_grpo.py", ["--model", "tiny", "--task", "gsm8k", "--data-path", f, "--out-dir",
+    p = cli("diffu_grpo.py", ["--model", TINY, "--task", "gsm8k", "--data-path", f, "--out-dir",
                               str(tmp_path / "o")])
     assert p.returncode == 2 and "b.jsonl:2: not valid JSON" in p.stderr and "Traceback" not in p.stderr
 

@@ -8,10 +8,10 @@ import common
 import model as M
 import weights as W
 import sft
-from conftest import launch
+from conftest import TINY, launch
 from data import sft_split
 
-TINY_SFT = ["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
+TINY_SFT = ["--model", TINY, "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
             "--train-n", "64", "--eval-n", "16", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
             "--warmup-steps", "2", "--objective", "sft", "--eps", "0.001", "--no-keep-best", "--blanks", "6", "10",
             "--eval-every", "0"]  # the tiny preset's objective, eps, keep-best and blanks replaced: a plain SFT run
@@ -106,8 +106,9 @@ def test_two_process_gloo_run_equals_one_process_run_and_ranks_agree(tmp_path):
     assert "forward tokens per evaluation, sharded over 2 rank(s)" in log
 
 
-def test_resume_continues_exactly(tmp_path):
-    steps = TINY_SFT + ["--max-steps", "6", "--save-every", "3"]
+@pytest.mark.parametrize("name", sorted({TINY, "tiny-dream"}))  # a Dream checkpoint carries Dream's own names
+def test_resume_continues_exactly(tmp_path, name):
+    steps = TINY_SFT + ["--max-steps", "6", "--save-every", "3", "--model", name]
     run(steps + ["--out-dir", str(tmp_path / "straight")])
     run(steps + ["--out-dir", str(tmp_path / "halted"), "--halt-after", "3"])
     assert not (tmp_path / "halted" / "final").exists()
@@ -133,7 +134,7 @@ def test_lora_sft_exports_the_exact_adapter_by_default_and_an_fp32_merge_on_requ
 
 @pytest.mark.slow
 def test_a_short_tiny_sudoku_run_lowers_the_heldout_loss_substantially(tmp_path):
-    metrics = sft.main(["--model", "tiny", "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
+    metrics = sft.main(["--model", TINY, "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
                         "--train-n", "2000", "--eval-n", "32", "--batch-size", "16", "--micro-batch-size", "16",
                         "--lr", "2e-3", "--warmup-steps", "5", "--max-steps", "80", "--eval-every", "0",
                         "--objective", "sft", "--eps", "0.001", "--no-keep-best", "--blanks", "6", "10",
@@ -251,7 +252,7 @@ def test_random_fill_answers_keep_the_givens_and_say_nothing_of_the_solution():
 
 def test_sudoku_answers_random_on_another_task_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
-        sft.get_args(["--model", "tiny", "--task", "countdown", "--sudoku-answers", "random"])
+        sft.get_args(["--model", TINY, "--task", "countdown", "--sudoku-answers", "random"])
     assert e.value.code == 2 and "--sudoku-answers random is for --task sudoku" in capsys.readouterr().err
 
 
