@@ -332,7 +332,7 @@ LORA_TARGETS_WIDE = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_pr
 
 
 class LoRALinear(nn.Module):
-    """Replaces an nn.Linear in place. It keeps the base Parameter under the same name (`weight`), so the
+    """Replaces an nn.Linear in place. It keeps the base Parameters under the same names (`weight`, `bias`), so the
     state_dict key of the base weight does not change; the adapter adds `lora_A` (r, in) and `lora_B` (out, r).
     The adapters are kept in fp32 (a 3e-6 learning rate would vanish in bf16's 8-bit mantissa) and cast to the
     activation dtype for the matmul; gradients flow back through the cast into the fp32 master copy.
@@ -343,8 +343,10 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, r, alpha, dropout, generator=None):  # base: an nn.Linear (or a LoRALinear to re-arm)
         super().__init__()
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
+        self.weight, self.bias = base.weight, base.bias  # Dream's q/k/v carry a bias: frozen with the weight
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
         self.r, self.scale, self.dropout = r, alpha / r, dropout
         self.enabled = True
         self.lora_frozen_A = self.lora_frozen_B = None
@@ -361,7 +363,7 @@ class LoRALinear(nn.Module):
         self.lora_frozen_B = nn.Parameter(B.float().to(self.weight.device), requires_grad=False)
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if self.lora_frozen_A is not None:
             y = y + F.linear(F.linear(x, self.lora_frozen_A.to(x.dtype)), self.lora_frozen_B.to(x.dtype))
         if not self.enabled:
@@ -501,10 +503,12 @@ def merge_lora(model, dtype=None, min_survival=0.99):
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
-                lin = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False,
+                lin = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=child.bias is not None,
                                 device=child.weight.device, dtype=dtype)
                 with torch.no_grad():
                     lin.weight.copy_(child.merged_weight(dtype))
+                    if child.bias is not None:  # Dream's q/k/v
+                        lin.bias.copy_(child.bias)
                 setattr(parent, name, lin)
     return model
 

@@ -254,11 +254,16 @@ def test_the_sft_loss_and_every_rl_estimate_read_dreams_shifted_logits(checkpoin
             torch.testing.assert_close(ours[:, c], want, atol=1e-5, rtol=0)
 
 
-def test_lora_targets_and_peft_adapters_use_dreams_module_names(checkpoint, tmp_path):
+def test_lora_targets_and_peft_adapters_use_dreams_module_names_and_keep_its_biases(checkpoint, tmp_path):
     path, _ = checkpoint
     model = W.load_model(str(path))
+    ids, am = batches()
+    with torch.no_grad():
+        plain = model(ids, am)
     M.apply_lora(model, 4, 8, targets=("q_proj", "o_proj", "down_proj", "lm_head"),
                  generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a fresh adapter (B = 0) changes nothing: the wrapped q_proj keeps its bias
+        torch.testing.assert_close(model(ids, am), plain, atol=0, rtol=0)
     adapted = {n for n, m in model.named_modules() if isinstance(m, M.LoRALinear)}
     assert "model.transformer.blocks.0.attn_out" in adapted and "model.transformer.blocks.1.ff_out" in adapted
     assert "model.transformer.ff_out" in adapted and "model.transformer.blocks.0.ff_proj" not in adapted
@@ -273,9 +278,11 @@ def test_lora_targets_and_peft_adapters_use_dreams_module_names(checkpoint, tmp_
     assert "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight" in keys
     assert "base_model.model.lm_head.lora_B.weight" in keys
     back, _ = W.build(str(tmp_path / "peft"))  # its base, with the adapter applied
-    ids, am = batches()
+    W.save_model(model, str(tmp_path / "merged"), merge=True)  # the merged export keeps the q/k/v biases
     with torch.no_grad():
         torch.testing.assert_close(back(ids, am), model(ids, am), atol=1e-5, rtol=0)
+        torch.testing.assert_close(W.load_model(str(tmp_path / "merged"))(ids, am), model(ids, am), atol=1e-5, rtol=0)
+        torch.testing.assert_close(M.merge_lora(model)(ids, am), back(ids, am), atol=1e-5, rtol=0)
 
 
 def test_the_two_readme_commands_run_on_tiny_dream(tmp_path):
