@@ -158,6 +158,9 @@ def training_setup(args, device, targets):
     # by block (parallel.distribute), so no GPU ever holds the whole fp32 model (nor its reference copy).
     sharded = args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) > 1
     model, tok = build_model(args.model, dtype, torch.device("cpu") if sharded else device, seed=args.seed)
+    if getattr(args, "prefix_cache", False) and model.cfg.arch == "dream":  # refused now, not at the first rollout
+        raise M.UsageError("--prefix-cache does not apply to Dream (with its logit shift a block's first position is "
+                           "predicted from the cached position before it): leave it off")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     params = make_trainable(model, args, targets)
     return model, tok, params, dtype, autocast

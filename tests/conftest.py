@@ -21,6 +21,10 @@ TINY = os.environ.get("D1_TEST_MODEL", "tiny")
 if TINY not in W.TINY:
     raise SystemExit(f"D1_TEST_MODEL={TINY!r}: choose one of {sorted(W.TINY)}")
 ARCH = W.TINY[TINY]
+# A test of LLaDA's own behaviour (its chat template and tokenizer roles, d1's prompts, the block sampler on random
+# weights, the prefix cache, the transformers remote code, PEFT folders under LLaDA's names); test_dream.py checks
+# Dream's counterparts.
+llada_only = pytest.mark.skipif(ARCH != "llada", reason="LLaDA's own behaviour; tests/test_dream.py checks Dream's")
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

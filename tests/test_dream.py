@@ -336,3 +336,12 @@ def test_sample_py_shows_dreams_canvas_and_says_which_fast_modes_apply(capsys):
     assert fast.forward_passes == 2 and not (fast.completion == model.cfg.mask_token_id).any()
     with pytest.raises(ValueError, match="prefix cache does not apply to Dream"):
         S.generate(model, ids, gen_length=8, block_length=4, steps=4, prefix_cache=True)
+
+
+def test_rl_with_the_prefix_cache_on_dream_is_refused_before_any_rollout(tmp_path):
+    """--prefix-cache cannot serve Dream (the shift reads the cached position before each block): diffu_grpo.py says
+    so in one line with exit 2 once the model is built, not with a traceback at its first rollout."""
+    from test_runs import cli
+    p = cli("diffu_grpo.py", ["--model", "tiny-dream", "--prefix-cache", "--max-steps", "2", "--out-dir",
+                              str(tmp_path / "rl")])
+    assert p.returncode == 2 and "does not apply to Dream" in p.stderr and "Traceback" not in p.stderr, p.stderr

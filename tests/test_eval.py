@@ -6,7 +6,7 @@ import torch
 
 import eval as E
 import model as M
-from conftest import ARCH, TINY, launch
+from conftest import ARCH, TINY, launch, llada_only
 
 TINY_EVAL = ["--model", TINY, "--protocol", "clean", "--prompt-style", "compact", "--gen-length", "32", "--block-length", "16",
              "--limit", "5", "--batch-size", "2"]
@@ -76,6 +76,7 @@ def test_two_rank_gloo_run_gives_the_same_records_as_one_rank(tmp_path):
     assert records(tmp_path / "one" / "generations.jsonl") == records(tmp_path / "two" / "generations.jsonl")
 
 
+@llada_only
 def test_d1_protocol_scores_do_not_depend_on_batch_size_and_records_what_was_encoded(tmp_path):
     """d1's protocol on d1's own Sudoku file: with the attention mask, batch 1 and batch 5 give the same
     generations (d1's unmasked batches would not); each record keeps d1's question and the exact input text."""
@@ -90,6 +91,7 @@ def test_d1_protocol_scores_do_not_depend_on_batch_size_and_records_what_was_enc
     assert "d1 parser %" in summary and "our parser %" in summary
 
 
+@llada_only
 def test_d1_protocol_scores_the_whole_canvas_with_special_tokens_and_clean_stops_at_eos():
     tok = M.tiny_tokenizer(ARCH)
     text = "<answer>\n1234123412341234\n</answer>"

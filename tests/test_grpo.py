@@ -10,7 +10,7 @@ import diffu_grpo as D
 import model as M
 from common import Trainer
 import weights as W
-from conftest import ARCH, TINY, launch
+from conftest import ARCH, TINY, launch, llada_only
 
 TINY_RL = ["--model", TINY, "--task", "sudoku", "--prompt-style", "compact", "--train-n", "32",
            "--gen-length", "32", "--block-length", "16", "--steps", "8", "--num-generations", "3",
@@ -352,6 +352,7 @@ def test_eval_every_keeps_the_best_validation_step_ties_the_earlier_and_names_it
     assert [r["step"] for r in logged if "eval_accuracy" in r] == [0, 2, 4, 6]
 
 
+@llada_only  # --prefix-cache is among the flags, and Dream refuses it
 def test_every_sampling_flag_diffu_grpo_accepts_reaches_the_sampler(tiny, tok, monkeypatch):
     """A sampling flag that is accepted and not used is a silent lie (--prefix-cache once was): each of the
     sampler's flags, set to a non-default value, must arrive in the rollout's generate call."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lmeval
-from conftest import ROOT, launch
+from conftest import ROOT, launch, llada_only
 from harness import export_model
 from sample import decode_completions, generate, pad_left
 
@@ -95,6 +95,7 @@ def request(*args):
     return types.SimpleNamespace(args=args)
 
 
+@llada_only
 def test_generate_until_gives_the_samplers_completions_cut_at_the_stops(export, tok):
     pytest.importorskip("lm_eval")
     lm = lmeval.LLaDAEvalModel(pretrained=export, gen_length=16, block_length=8, steps=8, temperature=0.7,

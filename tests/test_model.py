@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import model as M
 import weights as W
-from conftest import OFFICIAL_TINY_CONFIG, TINY, write_official_checkpoint
+from conftest import OFFICIAL_TINY_CONFIG, TINY, llada_only, write_official_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,6 +67,7 @@ def test_attention_is_bidirectional(tiny):
     assert not torch.allclose(tiny(ids)[0, 0], tiny(other)[0, 0])
 
 
+@llada_only
 def test_left_padded_rows_match_their_unpadded_logits_and_all_ones_mask_is_the_no_mask_path(tiny):
     g = torch.Generator().manual_seed(2)
     lens = [12, 7, 3]
@@ -193,6 +194,7 @@ def test_save_load_round_trip_plain_lora_merged_and_adapter_alone(tiny, tok, tmp
     assert reloaded_tok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
 
 
+@llada_only
 def test_tiny_tokenizer_has_llada_roles_and_chat_template(tok):
     text = tok.apply_chat_template([{"role": "user", "content": "  2+2?  "}], tokenize=False)
     assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import diffu_grpo as D
 import model as M
 import weights as W
-from conftest import TINY
+from conftest import TINY, llada_only
 
 IDS = torch.randint(0, 90, (2, 14), generator=torch.Generator().manual_seed(5))
 
@@ -55,6 +55,7 @@ def hand_applied(folder):
 
 
 @pytest.mark.parametrize("rslora", [False, True])
+@llada_only
 def test_a_peft_folder_loads_with_peft_scaling(tmp_path, rslora):
     folder = write_peft(tmp_path / "a", use_rslora=rslora)
     loaded, _ = W.build(folder)  # --model PEFT_DIR: the base it names, with the adapter
@@ -83,6 +84,7 @@ def test_what_is_not_plain_lora_is_refused_by_name(tmp_path, field, value, messa
         W.build(folder)
 
 
+@llada_only
 def test_export_of_stacked_adapters_is_one_exact_peft_adapter(tmp_path):
     model, tok = W.build(TINY, seed=0)
     W.load_lora(model, write_peft(tmp_path / "sft", r=4, alpha=8))  # stage 1 (as PEFT saved it)
@@ -106,6 +108,7 @@ def digits(prompts, completions, **kw):
     return [sum(ch.isdigit() for ch in c) / 10 for c in completions]
 
 
+@llada_only
 def test_rl_starts_from_a_peft_adapter_and_exports_one_peft_adapter_of_the_trained_policy(tmp_path, monkeypatch):
     monkeypatch.setitem(D.REWARDS, "sudoku", [(digits, 1.0)])
     folder = write_peft(tmp_path / "sft")

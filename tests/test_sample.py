@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import sample as S
-from conftest import encode_chat
+from conftest import encode_chat, llada_only
 
 
 def reference_generate(model, x_prompt, attn, gen_length, block_length, steps, temperature=0.0, cfg_scale=0.0,
@@ -78,6 +78,7 @@ SAME_LEN = ["abcd", "wxyz", "1234"]  # equal-length prompts: no padding
 
 @pytest.mark.parametrize("kw", [dict(), dict(remasking="random"), dict(cfg_scale=1.5), dict(temperature=0.8)],
                          ids=["greedy", "random-remasking", "cfg", "temperature"])
+@llada_only
 def test_exact_mode_gives_the_reference_tokens(tiny, tok, kw):
     ids, mask = batch(tok, SAME_LEN)
     ref = reference_generate(tiny, ids, None, 32, 8, 16, mask_id=tok.mask_token_id,
@@ -123,6 +124,7 @@ class Spy(torch.nn.Module):
         return self.inner(ids, attention_mask, **kw)
 
 
+@llada_only
 def test_block_rule_and_commit_counts(tiny, tok):
     ids, mask = batch(tok, SAME_LEN)
     P, L, Lb, steps = ids.shape[1], 32, 8, 20
@@ -161,6 +163,7 @@ def test_threshold_zero_fills_a_block_per_step_and_above_one_is_one_token_per_st
     assert torch.equal(slow.completion, exact.completion)
 
 
+@llada_only
 def test_prefix_cache_logits_equal_the_full_forward_when_nothing_changed(tiny, tok):
     ids, mask = batch(tok, ["a longer prompt", "x"])
     canvas = torch.cat([ids, torch.full((2, 16), tok.mask_token_id)], 1)
@@ -172,6 +175,7 @@ def test_prefix_cache_logits_equal_the_full_forward_when_nothing_changed(tiny, t
     torch.testing.assert_close(part, full[:, s:], atol=1e-5, rtol=0)
 
 
+@llada_only
 def test_prefix_cache_runs_fewer_query_tokens_and_fills_the_canvas(tiny, tok):
     ids, mask = batch(tok, SAME_LEN)
     plain = S.generate(tiny, ids, mask, gen_length=64, block_length=16, steps=32)
@@ -192,6 +196,7 @@ def test_prefix_cache_runs_fewer_query_tokens_and_fills_the_canvas(tiny, tok):
     (dict(temperature=-1.0), "must be >= 0"),
     (dict(threshold=0.9, remasking="random"), "threshold decoding needs"),
 ])
+@llada_only
 def test_impossible_settings_raise_with_a_message(tiny, tok, kw, msg):
     ids, mask = batch(tok, SAME_LEN)
     args = dict(gen_length=32, block_length=8, steps=16)
@@ -200,6 +205,7 @@ def test_impossible_settings_raise_with_a_message(tiny, tok, kw, msg):
         S.generate(tiny, ids, mask, **args)
 
 
+@llada_only
 def test_more_steps_than_tokens_warns(tiny, tok):
     ids, mask = batch(tok, ["ab", "cd"])  # two rows: the steps after the block is full see no masked position
     for kw in ({}, dict(prefix_cache=True)):
@@ -215,6 +221,7 @@ def test_completion_mask_keeps_tokens_up_to_and_including_the_first_eos():
 
 
 @pytest.mark.parametrize("fast", [False, True])
+@llada_only
 def test_show_prints_the_canvas_after_every_step_with_the_new_tokens_marked(tiny, tok, fast):
     import re
     lines = []

@@ -8,7 +8,7 @@ import pytest
 
 import model as M
 import scoring as S
-from conftest import ARCH, D1_SUDOKU_SYSTEM, FIXTURES
+from conftest import ARCH, D1_SUDOKU_SYSTEM, FIXTURES, llada_only
 from data.d1_eval import D1_FILES, load_d1_eval
 from sample import render_prompts
 
@@ -205,6 +205,7 @@ FORMAT = ("Respond in the following format:\n<reasoning>\nYour reasoning here\n<
           "</answer>")
 
 
+@llada_only
 def test_input_text_of_each_task_is_d1s_prompt_exactly():
     """Hand-written from d1's evaluation prompts (the tiny tokenizer's chat template renders as LLaDA's: BOS, the
     user turn trimmed, <|eot_id|>, the assistant header, then the prefill)."""

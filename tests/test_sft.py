@@ -8,7 +8,7 @@ import common
 import model as M
 import weights as W
 import sft
-from conftest import TINY, launch
+from conftest import TINY, launch, llada_only
 from data import sft_split
 
 TINY_SFT = ["--model", TINY, "--task", "sudoku", "--prompt-style", "compact", "--max-length", "80",
@@ -72,6 +72,7 @@ def test_loss_norm_batch_is_d1s_sum_over_all_answer_tokens_and_equals_ours_at_ba
     assert one[0] == pytest.approx(one[1], rel=1e-6)
 
 
+@llada_only  # LLaDA's end of turn
 def test_tokenize_examples_pads_with_eos_and_counts_truncation(tok):
     rows = [{"prompt": [{"role": "user", "content": "hi"}], "completion": "abc"},
             {"prompt": [{"role": "user", "content": "hi"}], "completion": "x" * 100}]

@@ -10,7 +10,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import model as M
 import weights as W
-from conftest import write_official_checkpoint
+from conftest import llada_only, write_official_checkpoint
 from harness import export_model
 
 
@@ -48,6 +48,7 @@ def trained_lora(tiny):
 
 
 @pytest.mark.parametrize("kind", ["full", "lora exact", "lora merged", "stacked exact"])
+@llada_only
 def test_an_export_loads_in_transformers_with_the_projects_logits(tmp_path, tiny, tok, kind):
     model = tiny
     if kind != "full":
