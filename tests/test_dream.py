@@ -345,3 +345,19 @@ def test_rl_with_the_prefix_cache_on_dream_is_refused_before_any_rollout(tmp_pat
     p = cli("diffu_grpo.py", ["--model", "tiny-dream", "--prefix-cache", "--max-steps", "2", "--out-dir",
                               str(tmp_path / "rl")])
     assert p.returncode == 2 and "does not apply to Dream" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_dream_run_resumes_from_its_checkpoint_in_dreams_layout(tmp_path):
+    """A checkpoint is written in the official layout, for Dream under Dream's names (lm_head, model.layers...):
+    --resume maps them back, and the halted-then-resumed run ends where the uninterrupted one ends, bit for bit."""
+    import sft
+    from test_sft import TINY_SFT, read_weights
+    steps = TINY_SFT + ["--model", "tiny-dream", "--max-steps", "2", "--save-every", "1", "--train-n", "8",
+                        "--batch-size", "2", "--micro-batch-size", "2", "--eval-n", "2"]
+    sft.main(steps + ["--out-dir", str(tmp_path / "straight")])
+    sft.main(steps + ["--out-dir", str(tmp_path / "halted"), "--halt-after", "1"])
+    assert "lm_head.weight" in W.read_safetensors(str(tmp_path / "halted" / "checkpoint" / "model.safetensors"),
+                                                  keys_only=True)
+    sft.main(steps + ["--out-dir", str(tmp_path / "halted"), "--resume"])
+    a, b = read_weights(str(tmp_path / "straight" / "final")), read_weights(str(tmp_path / "halted" / "final"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
