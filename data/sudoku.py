@@ -49,16 +49,32 @@ def _grid_array():
     return np.array([[int(ch) for ch in g] for g in all_grids()], dtype=np.int8)  # (288, 16)
 
 
-def count_solutions(puzzle):
-    """How many of the 288 grids agree with the puzzle's clues."""
+# Sudoku X: the two main diagonals must also hold 1-4 once. 48 of the 288 grids are Sudoku X grids. With
+# rules="x" the generator makes puzzles whose solution is unique under the X rules but NOT under the plain ones: the
+# diagonal rule is needed to solve them, so a label for a plain puzzle never teaches it.
+DIAGONALS = ((0, 5, 10, 15), (3, 6, 9, 12))
+RULES = ("sudoku", "x")
+
+
+@lru_cache(maxsize=2)
+def _rule_mask(rules):
+    """(288,) bool: the grids valid under `rules`."""
+    if rules == "sudoku":
+        return np.ones(len(all_grids()), dtype=bool)
+    return np.array([all(len({g[i] for i in d}) == 4 for d in DIAGONALS) for g in all_grids()])
+
+
+def count_solutions(puzzle, rules="sudoku"):
+    """How many of the 288 grids (valid under `rules`) agree with the puzzle's clues."""
     p = np.array([int(ch) for ch in puzzle], dtype=np.int8)
     clue = p > 0
-    return int((_grid_array()[:, clue] == p[clue]).all(1).sum())
+    return int(((_grid_array()[:, clue] == p[clue]).all(1) & _rule_mask(rules)).sum())
 
 
-def make_puzzle(solution, n_blanks, rng):
+def make_puzzle(solution, n_blanks, rng, rules="sudoku"):
     """Blank `n_blanks` cells of `solution` in random order, skipping any blank that would make the solution
-    ambiguous. Returns the puzzle, or None if this order cannot reach n_blanks while staying unique."""
+    ambiguous under `rules`. Returns the puzzle, or None if this order cannot reach n_blanks while staying unique
+    (rules="x": or if the puzzle is unique under the plain rules too, so that the diagonals would not matter)."""
     cells = list(range(16))
     rng.shuffle(cells)
     p = list(solution)
@@ -67,11 +83,13 @@ def make_puzzle(solution, n_blanks, rng):
         if blanks == n_blanks:
             break
         keep, p[i] = p[i], "0"
-        if count_solutions("".join(p)) == 1:
+        if count_solutions("".join(p), rules) == 1:
             blanks += 1
         else:
             p[i] = keep
-    return "".join(p) if blanks == n_blanks else None
+    if blanks < n_blanks or (rules == "x" and count_solutions("".join(p)) < 2):
+        return None
+    return "".join(p)
 
 
 def split_grids(seed=0, n_test_grids=48):
@@ -92,18 +110,22 @@ def validation_grids(split_seed=0, n_test_grids=48):
     return split_grids(split_seed, n_test_grids)[0][-VAL_GRIDS:]
 
 
-def generate(n, split="train", seed=0, min_blanks=6, max_blanks=10, split_seed=0, n_test_grids=48, grids=None):
+def generate(n, split="train", seed=0, min_blanks=6, max_blanks=10, split_seed=0, n_test_grids=48, grids=None,
+             rules="sudoku"):
     """n puzzles as dicts {puzzle, solution}, deterministic in (seed, split, ...). Solutions come only from the
-    split's grids (or from `grids`); the number of blanks is uniform in [min_blanks, max_blanks]."""
-    if not 1 <= min_blanks <= max_blanks <= MAX_BLANKS:
-        raise ValueError(f"need 1 <= min_blanks ({min_blanks}) <= max_blanks ({max_blanks}) <= {MAX_BLANKS}")
+    split's grids (or from `grids`) that are valid under `rules`; the number of blanks is uniform in
+    [min_blanks, max_blanks] (rules="x" needs at least 4: fewer never leave the plain rules two solutions)."""
+    if not 1 <= min_blanks <= max_blanks <= MAX_BLANKS or (rules == "x" and min_blanks < 4):
+        raise ValueError(f"need {4 if rules == 'x' else 1} <= min_blanks ({min_blanks}) <= max_blanks ({max_blanks}) "
+                         f"<= {MAX_BLANKS}")
     train, test = split_grids(split_seed, n_test_grids)
-    grids = grids or {"train": train, "test": test}[split]
-    rng = random.Random(f"{seed}-{split}")
+    index = {g: i for i, g in enumerate(all_grids())}
+    grids = [g for g in grids or {"train": train, "test": test}[split] if _rule_mask(rules)[index[g]]]
+    rng = random.Random(f"{seed}-{split}" if rules == "sudoku" else f"{rules}{seed}-{split}")
     out = []
     while len(out) < n:
         sol = rng.choice(grids)
-        p = make_puzzle(sol, rng.randint(min_blanks, max_blanks), rng)
+        p = make_puzzle(sol, rng.randint(min_blanks, max_blanks), rng, rules)
         if p is not None:
             out.append({"puzzle": p, "solution": sol})
     return out
@@ -151,3 +173,17 @@ def check_puzzle(puzzle, solution):
     if any(c != "0" and c != g for c, g in zip(puzzle, solution)):
         return "the puzzle's given cells disagree with the solution"
     return None
+
+
+if __name__ == "__main__":  # write a generated set in d1's CSV format (eval.py and diffu_grpo.py take --data-path)
+    import argparse
+    ap = argparse.ArgumentParser(description="Write generated 4x4 puzzles to a CSV in d1's format (Puzzle,Solution).")
+    ap.add_argument("out", help="the CSV file to write")
+    ap.add_argument("--rules", choices=RULES, default="sudoku", help="x: Sudoku X puzzles that need the diagonals")
+    ap.add_argument("--split", choices=["train", "test"], default="train", help="whose solution grids to use")
+    ap.add_argument("-n", type=int, default=1000, help="how many puzzles")
+    ap.add_argument("--blanks", type=int, nargs=2, default=[6, 10], metavar=("MIN", "MAX"), help="blank cells")
+    ap.add_argument("--seed", type=int, default=0, help="the generator's seed")
+    a = ap.parse_args()
+    write_csv(generate(a.n, a.split, a.seed, a.blanks[0], a.blanks[1], rules=a.rules), a.out)
+    print(f"wrote {a.n} {a.rules} puzzles ({a.split} grids, {a.blanks[0]}-{a.blanks[1]} blanks) to {a.out}")

@@ -132,3 +132,20 @@ def test_blanks_flag_reaches_the_generator_for_sudoku_only():
     default = ap.parse_args([])
     rows = load_task("sudoku", "test", style="compact", n=40, **sudoku_kwargs("sudoku", default.blanks))
     assert min(r["puzzle"].count("0") for r in rows) >= 6 and max(r["puzzle"].count("0") for r in rows) <= 10
+
+
+def test_sudoku_x_puzzles_need_the_diagonals_and_keep_the_test_grids_held_out():
+    """rules="x": the solution is a Sudoku X grid (both diagonals hold 1-4), the only one under the X rules, and the
+    plain rules leave at least two solutions, so that a plain Sudoku label cannot teach what solves it."""
+    from data import sudoku as S
+    train, test = S.split_grids()
+    for split, grids in (("train", set(train)), ("test", set(test))):
+        rows = S.generate(40, split, seed=1, min_blanks=4, max_blanks=7, rules="x")
+        for r in rows:
+            p, s = r["puzzle"], r["solution"]
+            assert s in grids and all(sorted(s[i] for i in d) == list("1234") for d in S.DIAGONALS)
+            assert S.check_puzzle(p, s) is None and 4 <= p.count("0") <= 7
+            assert S.count_solutions(p, "x") == 1 and S.count_solutions(p) >= 2
+    assert sum(all(len({g[i] for i in d}) == 4 for d in S.DIAGONALS) for g in S.all_grids()) == 48
+    with pytest.raises(ValueError):
+        S.generate(1, rules="x", min_blanks=3, max_blanks=6)
