@@ -77,12 +77,9 @@ def load_checkpoint(path, tr, with_best=True):
         if M.has_lora(tr.model):
             W.load_lora(tr.model, path)
         else:
-            sd = {}
-            for shard in W._checkpoint_shards(path):
-                sd.update(W.read_safetensors(os.path.join(path, shard)))
-            ours = tr.model.state_dict()  # a checkpoint is in the official layout: Dream's carries Dream's names
-            sd = {M.dream_key(k, tr.model.cfg.arch, to_official=False): v for k, v in sd.items()}
-            tr.model.load_state_dict({k: v.to(ours[k].dtype) for k, v in sd.items()})
+            ours = tr.model.state_dict()
+            sd = {k: v.to(ours[k].dtype) for part in W.read_shards(path, tr.model.cfg.arch) for k, v in part.items()}
+            tr.model.load_state_dict(sd)
         extra = os.path.join(path, "extra.pt")
         best = read_torch(extra)["best_state"] if with_best and os.path.exists(extra) else None
     state = read_torch(os.path.join(path, "trainer_state.pt"))

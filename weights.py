@@ -124,6 +124,14 @@ def _checkpoint_shards(model_dir):
     return {"model.safetensors": read_safetensors(single, keys_only=True)}
 
 
+def read_shards(model_dir, arch, device="cpu"):
+    """A checkpoint's tensors one shard at a time, under model.py's names ({name: tensor} per shard): a Dream
+    checkpoint carries Dream's own names (model.dream_key renames them). Loading and --resume both read this way."""
+    for shard in sorted(_checkpoint_shards(model_dir)):
+        yield {dream_key(k, arch, to_official=False): v
+               for k, v in read_safetensors(os.path.join(model_dir, shard), device).items()}
+
+
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     """Load an official-format LLaDA checkpoint. The model is built on the meta device (no memory), then each shard
     is read and its tensors ASSIGNED into the model (cast to `dtype` on `device`) before the next shard is opened,
@@ -146,10 +154,8 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu"):
         raise KeyError(f"{model_dir}: checkpoint keys do not match the {cfg.arch} architecture of its config.json.\n"
                        f"  missing ({len(missing)}): {missing[:10]}\n"
                        f"  unexpected ({len(unexpected)}): {unexpected[:10]}")
-    for shard in sorted(shards):
-        sd = read_safetensors(os.path.join(model_dir, shard), device)
-        sd = {dream_key(k, cfg.arch, to_official=False): v.to(dtype) for k, v in sd.items()}
-        model.load_state_dict(sd, strict=False, assign=True)  # assign: the loaded tensors become the parameters
+    for sd in read_shards(model_dir, cfg.arch, device):  # assign: the loaded tensors become the parameters
+        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
         del sd
     model.eval()
     if os.path.exists(os.path.join(model_dir, ADAPTER_FILE)):

@@ -115,13 +115,15 @@ def generate(n, split="train", seed=0, min_blanks=6, max_blanks=10, split_seed=0
     """n puzzles as dicts {puzzle, solution}, deterministic in (seed, split, ...). Solutions come only from the
     split's grids (or from `grids`) that are valid under `rules`; the number of blanks is uniform in
     [min_blanks, max_blanks] (rules="x" needs at least 4: fewer never leave the plain rules two solutions)."""
+    if rules not in RULES:
+        raise ValueError(f"rules={rules!r}: choose one of {RULES}")
     if not 1 <= min_blanks <= max_blanks <= MAX_BLANKS or (rules == "x" and min_blanks < 4):
         raise ValueError(f"need {4 if rules == 'x' else 1} <= min_blanks ({min_blanks}) <= max_blanks ({max_blanks}) "
                          f"<= {MAX_BLANKS}")
     train, test = split_grids(split_seed, n_test_grids)
     index = {g: i for i, g in enumerate(all_grids())}
     grids = [g for g in grids or {"train": train, "test": test}[split] if _rule_mask(rules)[index[g]]]
-    rng = random.Random(f"{seed}-{split}" if rules == "sudoku" else f"{rules}{seed}-{split}")
+    rng = random.Random(f"{seed}-{split}" if rules == "sudoku" else f"{rules}{seed}-{split}")  # plain: as before
     out = []
     while len(out) < n:
         sol = rng.choice(grids)
@@ -185,5 +187,9 @@ if __name__ == "__main__":  # write a generated set in d1's CSV format (eval.py 
     ap.add_argument("--blanks", type=int, nargs=2, default=[6, 10], metavar=("MIN", "MAX"), help="blank cells")
     ap.add_argument("--seed", type=int, default=0, help="the generator's seed")
     a = ap.parse_args()
-    write_csv(generate(a.n, a.split, a.seed, a.blanks[0], a.blanks[1], rules=a.rules), a.out)
+    try:
+        rows = generate(a.n, a.split, a.seed, a.blanks[0], a.blanks[1], rules=a.rules)
+    except ValueError as e:
+        ap.error(str(e))  # one line, exit 2
+    write_csv(rows, a.out)
     print(f"wrote {a.n} {a.rules} puzzles ({a.split} grids, {a.blanks[0]}-{a.blanks[1]} blanks) to {a.out}")
