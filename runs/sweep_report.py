@@ -22,6 +22,7 @@ METRICS = [("solved", "solved %"), ("accuracy", "cells %"), ("given", "given cel
 DIFFS = [("rl_minus_sft", "RL - SFT, solved", "solved", "sft"),
          ("rl_minus_control", "RL - control, solved", "solved", "sft_cont"),
          ("rl_minus_sft_cells", "RL - SFT, cells", "accuracy", "sft"),
+         ("rl_minus_control_cells", "RL - control, cells", "accuracy", "sft_cont"),
          ("rl_minus_sft_sampled_reward", "RL - SFT, sampled reward", "sampled_reward", "sft")]
 
 

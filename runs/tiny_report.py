@@ -71,6 +71,8 @@ def main(out):
               f"(the policy "
               f"diffu-GRPO trains). Seeds: {info.get('seeds', '')}. Total wall-clock {info.get('total', 0):.0f} s "
               f"on {info.get('machine', '?')}.")
+    if "labels" in info:  # SHAPE=d1: the labels are one-blank puzzles, RL and the evaluation use 3-6 blanks
+        header += f" Shape: {info['shape']}; SFT's and the control's labels: {info['labels']}."
     sft_log = [m for m in read_jsonl(os.path.join(out, "sft", "metrics.jsonl")) if "eval_loss" in m]
     with open(os.path.join(out, "sft", "final", "meta.json")) as f:
         sft_meta = json.load(f)

@@ -32,6 +32,21 @@ export TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/tiny_sudoku}
 SEED=${SEED:-0}
 MODEL=${MODEL:-tiny}
+# SHAPE picks what the labels are (docs/demo.md):
+#  same  labels for the puzzles RL and the evaluation use (3-6 blanks): the recipe end to end
+#  d1    d1's shape: labels exist only for one-blank puzzles (4,000 of them, on the training grids), learned with d1's SFT objective (only the answer masked) until the one-blank skill saturates; RL
+#        trains with the reward alone on 3-6-blank puzzles, which no label shows, and the evaluation uses those.
+#        RL does not mask the prompt (--p-mask-prompt 0): a model that never saw a masked prompt in SFT gets its
+#        log-probabilities from inputs unlike any it was trained on, and RL stalled with d1's 0.15 (docs/demo.md)
+SHAPE=${SHAPE:-same}
+if [ "$SHAPE" = d1 ]; then
+  SFT_N=${SFT_N:-4000}; SFT_STEPS=${SFT_STEPS:-800}; CONT_STEPS=${CONT_STEPS:-650}
+  LABELS="--blanks 1 1 --objective sft"; RL_SHAPE="--p-mask-prompt 0"
+elif [ "$SHAPE" = same ]; then
+  LABELS=""; RL_SHAPE=""
+else
+  echo "SHAPE=$SHAPE: choose same or d1" >&2; exit 2
+fi
 SFT_N=${SFT_N:-64}             # the fixed labelled set
 SFT_STEPS=${SFT_STEPS:-400}
 RL_BATCHES=${RL_BATCHES:-40}   # rollout batches of 2 ranks x 8 prompts x G=8, each used for mu = 2 optimizer steps
@@ -46,20 +61,20 @@ ONE_STEP="--gen-length 40 --block-length 40 --steps 1"
 
 echo "== 1. SFT on $SFT_N labelled puzzles"
 t0=$SECONDS
-$PY sft.py --model $MODEL --task sudoku --train-n $SFT_N --max-steps $SFT_STEPS --seed $SEED --out-dir $OUT/sft \
-  --overwrite
+$PY sft.py --model $MODEL --task sudoku --train-n $SFT_N $LABELS --max-steps $SFT_STEPS --seed $SEED \
+  --out-dir $OUT/sft --overwrite
 t_sft=$((SECONDS - t0))
 
 echo "== 2. diffu-GRPO from the SFT model, 2 processes, fresh puzzles, reward only"
 t0=$SECONDS
 OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29533} diffu_grpo.py \
   --model $OUT/sft/final --task sudoku --data-seed $((SEED + 1)) --max-steps $((RL_BATCHES * 2)) --seed $SEED \
-  --sample-every 0 --out-dir $OUT/grpo --overwrite
+  --sample-every 0 --out-dir $OUT/grpo --overwrite $RL_SHAPE
 t_rl=$((SECONDS - t0))
 
 echo "== 3. control: SFT continued on the same labelled set"
 t0=$SECONDS
-$PY sft.py --model $OUT/sft/final --task sudoku --train-n $SFT_N --max-steps $CONT_STEPS --lr 3e-4 \
+$PY sft.py --model $OUT/sft/final --task sudoku --train-n $SFT_N $LABELS --max-steps $CONT_STEPS --lr 3e-4 \
   --lr-schedule constant --warmup-steps 0 --eval-every 0 --no-keep-best --seed $((SEED + 1)) --out-dir $OUT/sft_cont \
   --overwrite
 t_cont=$((SECONDS - t0))
@@ -74,6 +89,7 @@ done
 cat > $OUT/timings.json <<EOF
 {"sft": $t_sft, "grpo": $t_rl, "sft_cont": $t_cont,
  "seeds": "SFT $SEED, RL $SEED on puzzles of data seed $((SEED + 1)), SFT-continued $((SEED + 1)), test set 0, sampled eval $SEED",
+ "shape": "$SHAPE", "labels": "$SFT_N puzzles, ${LABELS:-the RL and test distribution}",
  "machine": "$(nproc) CPU cores, $(uname -m), kernels ${ATEN_CPU_CAPABILITY:-native}", "total": $SECONDS}
 EOF
 $PY runs/tiny_report.py $OUT

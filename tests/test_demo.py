@@ -43,3 +43,11 @@ def test_tiny_sudoku_demo_runs_every_stage_and_reports_what_the_evaluations_meas
     for key in results:  # the health check: every model copies the given cells (a fraction, like the others)
         assert 0.9 <= results[key]["given"] <= 1.0 and 0.0 <= results[key]["solved"] <= results[key]["accuracy"] + 1e-9
     assert results["sft"]["solved"] >= 0.10, results["sft"]  # far above chance (~0.2% with 3-6 blanks)
+
+
+def test_tiny_sudoku_refuses_an_unknown_shape_before_it_writes_anything(tmp_path):
+    """SHAPE picks what the labels are (same, or d1's shape: one-blank labels); a typo stops at once, in one line."""
+    out = subprocess.run(["bash", os.path.join(ROOT, "runs", "tiny_sudoku.sh")], capture_output=True, text=True,
+                         env={**os.environ, "SHAPE": "d2", "OUT": str(tmp_path / "demo")}, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == "SHAPE=d2: choose same or d1"
+    assert not (tmp_path / "demo").exists()

@@ -27,6 +27,8 @@ def test_sweep_report_gives_mean_spread_worst_run_and_count_of_wins(tmp_path):
     c = summary["rl_minus_control"]  # -1.0 and -1.0
     assert abs(c["mean"] + 1.0) < 1e-9 and c["positive"] == 0
     assert abs(summary["rl_minus_sft_cells"]["mean"] - 3.0) < 1e-9  # +10 and -4 cell points
+    assert summary["rl_minus_control_cells"]["positive"] == 1  # +5 and -6 cell points
+    assert abs(summary["rl_minus_control_cells"]["min"] + 6.0) < 1e-9
     assert abs(summary["sft"]["solved"]["mean"] - 3.0) < 1e-9 and abs(summary["grpo"]["given"]["min"] - 70.0) < 1e-9
     assert "| RL - SFT, solved | +0.0 | 2.8 | -2.0 | +2.0 | 1 of 2 |" in out
     assert (tmp_path / "sweep.md").read_text() == out.rstrip("\n") + "\n"
