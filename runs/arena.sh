@@ -15,6 +15,7 @@
 #     bash runs/arena.sh                              SEEDS="0 1 2 3 4" KERNELS="native default" MODES="one multi"
 #     SEEDS=0 KERNELS=native BUDGET_ONE=0.5 bash runs/arena.sh    # a quick look
 #     OUT=out/arena_lr ARGS_wd1="--lr 3e-5" ARGS_spg="--lr 3e-5" bash runs/arena.sh   # a method's own flags
+#     SHAPE=d1 OUT=out/arena_d1 bash runs/arena.sh    # d1's shape: one-blank labels (runs/shape.sh)
 set -e
 cd "$(dirname "$0")/.."
 source runs/setup.sh
@@ -27,7 +28,8 @@ METHODS=${METHODS:-d1 wd1 spg espo}
 BUDGET_one=${BUDGET_ONE:-1}       # minutes of training per run (rollouts included)
 BUDGET_multi=${BUDGET_MULTI:-1}
 EVAL_N=${EVAL_N:-512}
-SFT_N=${SFT_N:-64}                # the control's labelled set: the SFT model's own
+source runs/shape.sh              # SHAPE=same|d1: what the labels are; SFT_N, the labelled set (the SFT
+                                  # model's own, and the control's)
 DECODE_one="--gen-length 40 --block-length 40 --steps 1"     # the tiny preset's one-step rollouts
 DECODE_multi="--gen-length 40 --block-length 8 --steps 20"   # d1's: 2 tokens a step, in blocks
 TASK="--task sudoku --prompt-style compact --blanks 3 6"     # for eval.py, which has no presets
@@ -38,19 +40,21 @@ for SEED in $SEEDS; do      # seeds outside, kernels inside: an arena stopped ea
     D=$OUT/$K-$SEED
     mkdir -p $D
     if [ "$K" = native ]; then unset ATEN_CPU_CAPABILITY; else export ATEN_CPU_CAPABILITY=$K; fi
-    done_ $D/sft || { echo "== $K seed $SEED: SFT"; $PY sft.py --model tiny --task sudoku --seed $SEED --out-dir $D/sft --overwrite; }
+    done_ $D/sft || { echo "== $K seed $SEED: SFT"; $PY sft.py --model tiny --task sudoku --train-n $SFT_N $LABELS \
+      --max-steps $SFT_STEPS --seed $SEED --out-dir $D/sft --overwrite; }
     for MODE in $MODES; do
       eval B=\$BUDGET_$MODE; eval DEC=\$DECODE_$MODE
       for METHOD in $METHODS; do
         done_ $D/$MODE/$METHOD && continue
         eval XA=\${ARGS_$METHOD:-}   # ARGS_<method>: extra flags for that method only (e.g. its own --lr)
+        [ $METHOD = espo ] || XA="$RL_SHAPE $XA"   # ESPO never masks the prompt (its flag is refused)
         echo "== $K seed $SEED, $MODE-step rollouts: $METHOD for $B min"
         OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29551} methods.py \
           --model $D/sft/final --task sudoku --method $METHOD $DEC --data-seed $((SEED + 1)) --seed $SEED \
           --max-steps 100000 --time-budget $B --sample-every 0 --save-minutes 0 --out-dir $D/$MODE/$METHOD --overwrite $XA
       done
       done_ $D/$MODE/sft_cont || { echo "== $K seed $SEED, $MODE: SFT control for $B min"
-        $PY sft.py --model $D/sft/final --task sudoku --train-n $SFT_N --max-steps 100000 --lr 3e-4 \
+        $PY sft.py --model $D/sft/final --task sudoku --train-n $SFT_N $LABELS --max-steps 100000 --lr 3e-4 \
           --lr-schedule constant --warmup-steps 0 --eval-every 0 --no-keep-best --seed $((SEED + 1)) \
           --time-budget $B --save-minutes 0 --out-dir $D/$MODE/sft_cont --overwrite; }
       for ARM in sft sft_cont $METHODS; do

@@ -18,7 +18,8 @@
 # Every stage is seeded (SEED), so a rerun on the same machine gives the same table. Another CPU rounds differently
 # and gives another table inside the spread that runs/tiny_sudoku_sweep.sh measures (README).
 # Environment knobs (the slow test and the sweep use them): OUT, SEED, SFT_N, SFT_STEPS, RL_BATCHES, CONT_STEPS,
-# EVAL_N, PORT, and MODEL (tiny, or tiny-dream: the same recipe on the tiny Dream).
+# EVAL_N, PORT, MODEL (tiny, or tiny-dream: the same recipe on the tiny Dream), and SHAPE (runs/shape.sh: same,
+# or d1 = labels only for one-blank puzzles, RL and the evaluation on 3-6 blanks).
 # The trainers' tiny presets (PRESETS in sft.py and diffu_grpo.py, applied to --model tiny and to its exports) ARE
 # this recipe; the commands below write only what differs from them. Choices for the tiny model (measured, see docs/):
 #  - puzzles with 3-6 blanks (--blanks 3 6): with d1-sized 6-10 blanks every tiny model solves 0-2% of puzzles;
@@ -32,25 +33,8 @@ export TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/tiny_sudoku}
 SEED=${SEED:-0}
 MODEL=${MODEL:-tiny}
-# SHAPE picks what the labels are (docs/demo.md):
-#  same  labels for the puzzles RL and the evaluation use (3-6 blanks): the recipe end to end
-#  d1    d1's shape: labels exist only for one-blank puzzles (4,000 of them, on the training grids), learned with d1's SFT objective (only the answer masked) until the one-blank skill saturates; RL
-#        trains with the reward alone on 3-6-blank puzzles, which no label shows, and the evaluation uses those.
-#        RL does not mask the prompt (--p-mask-prompt 0): a model that never saw a masked prompt in SFT gets its
-#        log-probabilities from inputs unlike any it was trained on, and RL stalled with d1's 0.15 (docs/demo.md)
-SHAPE=${SHAPE:-same}
-if [ "$SHAPE" = d1 ]; then
-  SFT_N=${SFT_N:-4000}; SFT_STEPS=${SFT_STEPS:-800}; CONT_STEPS=${CONT_STEPS:-650}
-  LABELS="--blanks 1 1 --objective sft"; RL_SHAPE="--p-mask-prompt 0"
-elif [ "$SHAPE" = same ]; then
-  LABELS=""; RL_SHAPE=""
-else
-  echo "SHAPE=$SHAPE: choose same or d1" >&2; exit 2
-fi
-SFT_N=${SFT_N:-64}             # the fixed labelled set
-SFT_STEPS=${SFT_STEPS:-400}
+source runs/shape.sh           # SHAPE=same (default) or d1: what the labels are (runs/shape.sh)
 RL_BATCHES=${RL_BATCHES:-40}   # rollout batches of 2 ranks x 8 prompts x G=8, each used for mu = 2 optimizer steps
-CONT_STEPS=${CONT_STEPS:-450}  # SFT-continued steps (about the RL stage's wall-clock on a 2-core CPU; see timings)
 EVAL_N=${EVAL_N:-512}
 PY=${PYTHON:-python3}
 mkdir -p $OUT
