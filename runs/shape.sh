@@ -10,7 +10,7 @@
 # Sets LABELS (sft.py flags for SFT and the control) and RL_SHAPE (diffu_grpo.py / methods.py flags), and the
 # shape's defaults of SFT_N, SFT_STEPS and CONT_STEPS where the caller left them unset.
 SHAPE=${SHAPE:-same}
-if [ "$SHAPE" = d1 ]; then  # 650 control steps took as long as RL's 40 rollout batches or longer (docs/demo.md)
+if [ "$SHAPE" = d1 ]; then  # 650 control steps: about RL's 40 rollout batches' wall-clock or more (docs/demo.md)
   SFT_N=${SFT_N:-4000}; SFT_STEPS=${SFT_STEPS:-800}; CONT_STEPS=${CONT_STEPS:-650}
   LABELS="--blanks 1 1 --objective sft"; RL_SHAPE="--p-mask-prompt 0"
 elif [ "$SHAPE" = same ]; then  # a fixed labelled set of 64; the control's 450 steps are about RL's wall-clock
