@@ -56,7 +56,9 @@ def main(root):
             runs[os.path.basename(os.path.dirname(path))] = json.load(f)
     if not runs:
         sys.exit(f"no results.json under {root}")
-    lines = [f"{len(runs)} runs of runs/tiny_sudoku.sh ({', '.join(runs)}); percentages of 512 held-out puzzles, "
+    n = sorted({r["sft"]["n"] for r in runs.values()})  # EVAL_N: 512, or 2,048 at d1's shape (runs/shape.sh)
+    lines = [f"{len(runs)} runs of runs/tiny_sudoku.sh ({', '.join(runs)}); percentages of "
+             f"{' or '.join(map(str, n))} held-out puzzles, "
              "greedy one-step decoding.", "", "Per run:", "",
              "| run | SFT solved / cells | control solved / cells | RL solved / cells | RL - SFT solved | "
              "RL - control solved |", "|---|---|---|---|---|---|"]

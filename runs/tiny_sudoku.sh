@@ -18,8 +18,9 @@
 # Every stage is seeded (SEED), so a rerun on the same machine gives the same table. Another CPU rounds differently
 # and gives another table inside the spread that runs/tiny_sudoku_sweep.sh measures (README).
 # Environment knobs (the slow test and the sweep use them): OUT, SEED, SFT_N, SFT_STEPS, RL_BATCHES, CONT_STEPS,
-# EVAL_N, PORT, MODEL (tiny, or tiny-dream: the same recipe on the tiny Dream), and SHAPE (runs/shape.sh: same,
-# or d1 = labels only for one-blank puzzles, RL and the evaluation on 3-6 blanks).
+# EVAL_N (512; 2,048 at d1's shape), PORT, MODEL (tiny, or tiny-dream: the same recipe on the tiny Dream), and SHAPE
+# (runs/shape.sh: same, or d1 = labels only for one-blank puzzles, RL with the reward alone and the evaluation on
+# 3-6 blanks; docs/demo.md has its sweep).
 # The trainers' tiny presets (PRESETS in sft.py and diffu_grpo.py, applied to --model tiny and to its exports) ARE
 # this recipe; the commands below write only what differs from them. Choices for the tiny model (measured, see docs/):
 #  - puzzles with 3-6 blanks (--blanks 3 6): with d1-sized 6-10 blanks every tiny model solves 0-2% of puzzles;
@@ -35,7 +36,6 @@ SEED=${SEED:-0}
 MODEL=${MODEL:-tiny}
 source runs/shape.sh           # SHAPE=same (default) or d1: what the labels are (runs/shape.sh)
 RL_BATCHES=${RL_BATCHES:-40}   # rollout batches of 2 ranks x 8 prompts x G=8, each used for mu = 2 optimizer steps
-EVAL_N=${EVAL_N:-512}
 PY=${PYTHON:-python3}
 mkdir -p $OUT
 # The compact prompt is 46 tokens and the answer "<answer>DDDDDDDDDDDDDDDD</answer>" 33, so SFT's canvas is

@@ -4,14 +4,17 @@
 #   native   this machine's vector kernels
 #   default  ATEN_CPU_CAPABILITY=default, PyTorch's portable kernels: they round like another CPU would (the thread
 #            count alone does not change results here)
-# A run whose results.json exists is skipped, so an interrupted sweep resumes. About 6-9 minutes per run on 2 cores.
+# A run whose results.json exists is skipped, so an interrupted sweep resumes. About 5-10 minutes per run on 2 cores.
 # Each (kernel, seed) run has its own port, so two sweeps (one per kernel setting) can run side by side.
-#   bash runs/tiny_sudoku_sweep.sh                       # 5 seeds x 2 kernels
+#   bash runs/tiny_sudoku_sweep.sh                       # 5 seeds x 2 kernels, the default SHAPE=same
+#   SHAPE=d1 bash runs/tiny_sudoku_sweep.sh              # d1's shape: one-blank labels (runs/shape.sh)
 #   SEEDS="0 1" KERNELS=native bash runs/tiny_sudoku_sweep.sh
 set -e
 cd "$(dirname "$0")/.."
 source runs/setup.sh
-ROOT=${OUT:-out/tiny_sudoku_sweep}
+# The default OUT names the model and the shape: a finished run is skipped, so a sweep of one shape must not find
+# another's runs in its directory.
+ROOT=${OUT:-out/tiny_sudoku_sweep/${MODEL:-tiny}-${SHAPE:-same}}
 SEEDS=${SEEDS:-0 1 2 3 4}
 KERNELS=${KERNELS:-native default}
 mkdir -p $ROOT

@@ -31,6 +31,7 @@ def test_sweep_report_gives_mean_spread_worst_run_and_count_of_wins(tmp_path):
     assert abs(summary["rl_minus_control_cells"]["min"] + 6.0) < 1e-9
     assert abs(summary["sft"]["solved"]["mean"] - 3.0) < 1e-9 and abs(summary["grpo"]["given"]["min"] - 70.0) < 1e-9
     assert "| RL - SFT, solved | +0.0 | 2.8 | -2.0 | +2.0 | 1 of 2 |" in out
+    assert "percentages of 512 held-out puzzles" in out  # the evaluations' own count (EVAL_N)
     assert (tmp_path / "sweep.md").read_text() == out.rstrip("\n") + "\n"
 
 
