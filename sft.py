@@ -362,7 +362,7 @@ class SFTConfig(config.TrainerConfig):
 # small), a canvas that fits the compact prompts, a learning rate and eps the tiny model learns with (eps 0.2 bounds
 # the 1/p weight at 5; with 1e-3 its gradients are too noisy to learn), and LLaDA's mixed objective so that the
 # model can go on to diffu-GRPO's masked prompts. "tiny sudoku" is the SFT stage of the demo with SHAPE=same
-# (runs/tiny_sudoku.sh; d1's shape, its default, changes it with flags: runs/shape.sh): 64 labelled puzzles with
+# (runs/tiny_sudoku.sh, the default; SHAPE=d1 changes it with flags: runs/shape.sh): 64 labelled puzzles with
 # 3-6 blanks, a 46-token prompt + a 40-token answer region.
 PRESETS = {
     "tiny": dict(task="sudoku", prompt_style="compact", lora_r=0, lora_dropout=0.0, max_length=256, eval_n=64,
