@@ -558,10 +558,9 @@ class GRPOConfig(config.TrainerConfig):
 
 
 # d1's per-task values (train.yaml; max_steps: the optimizer step of the checkpoint d1 reports, rounded up to whole
-# rollout batches), then the tiny laptop recipe: the demo's RL stage (runs/tiny_sudoku.sh; SHAPE=d1
-# adds flags: runs/shape.sh) with one-step rollouts (the whole answer in one denoising step, where the one-step
-# estimator IS the sampler's likelihood), full fine-tuning of the tiny model, and 60 rollout batches (about a minute
-# on 2 cores).
+# rollout batches), then the tiny laptop recipe: the demo's RL stage (runs/tiny_sudoku.sh; SHAPE=d1 adds flags) with
+# one-step rollouts (the whole answer in one denoising step, where the one-step estimator IS the sampler's
+# likelihood), full fine-tuning of the tiny model, and 60 rollout batches (about a minute on 2 cores).
 PRESETS = {
     "gsm8k": dict(num_iterations=12, temperature=0.9, max_steps=7704),
     "math": dict(num_iterations=12, temperature=0.9, max_steps=6600),
