@@ -27,7 +27,6 @@ MODES=${MODES:-one multi}
 METHODS=${METHODS:-d1 wd1 spg espo}
 BUDGET_one=${BUDGET_ONE:-1}       # minutes of training per run (rollouts included)
 BUDGET_multi=${BUDGET_MULTI:-1}
-SHAPE=${SHAPE:-same}              # the arena's default is labels for the target itself (docs/arena.md's tables)
 source runs/shape.sh              # SHAPE=same|d1: what the labels are; SFT_N, the labelled set (the SFT
                                   # model's own, and the control's); at d1's shape RL_SHAPE sets lr 1e-4 for
                                   # every method (ARGS_<method> overrides it) and EVAL_N is 2,048
@@ -48,8 +47,8 @@ for SEED in $SEEDS; do      # seeds outside, kernels inside: an arena stopped ea
       for METHOD in $METHODS; do
         done_ $D/$MODE/$METHOD && continue
         eval XA=\${ARGS_$METHOD:-}   # ARGS_<method>: extra flags for that method only (e.g. its own --lr)
-        # the shape's RL flags; ESPO never masks the prompt, so it refuses --p-mask-prompt and gets the rest
-        if [ $METHOD = espo ]; then XA="${RL_SHAPE//--p-mask-prompt 0/} $XA"; else XA="$RL_SHAPE $XA"; fi
+        [ $METHOD = espo ] || XA="$RL_PROMPT $XA"   # ESPO never masks the prompt (its flag is refused)
+        XA="$RL_SHAPE $XA"
         echo "== $K seed $SEED, $MODE-step rollouts: $METHOD for $B min"
         OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29551} methods.py \
           --model $D/sft/final --task sudoku --method $METHOD $DEC --data-seed $((SEED + 1)) --seed $SEED \

@@ -53,7 +53,7 @@ echo "== 2. diffu-GRPO from the SFT model, 2 processes, fresh puzzles, reward on
 t0=$SECONDS
 OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_port=${PORT:-29533} diffu_grpo.py \
   --model $OUT/sft/final --task sudoku --data-seed $((SEED + 1)) --max-steps $((RL_BATCHES * 2)) --seed $SEED \
-  --sample-every 0 --out-dir $OUT/grpo --overwrite $RL_SHAPE
+  --sample-every 0 --out-dir $OUT/grpo --overwrite $RL_SHAPE $RL_PROMPT
 t_rl=$((SECONDS - t0))
 
 echo "== 3. control: SFT continued on the same labelled set"
