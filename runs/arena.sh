@@ -55,7 +55,7 @@ for SEED in $SEEDS; do      # seeds outside, kernels inside: an arena stopped ea
           --max-steps 100000 --time-budget $B --sample-every 0 --save-minutes 0 --out-dir $D/$MODE/$METHOD --overwrite $XA
       done
       done_ $D/$MODE/sft_cont || { echo "== $K seed $SEED, $MODE: SFT control for $B min"
-        $PY sft.py --model $D/sft/final --task sudoku --train-n $SFT_N $LABELS --max-steps 100000 --lr 3e-4 \
+        $PY sft.py --model $D/sft/final --task sudoku --train-n $SFT_N $LABELS --max-steps 100000 --lr $CONT_LR \
           --lr-schedule constant --warmup-steps 0 --eval-every 0 --no-keep-best --seed $((SEED + 1)) \
           --time-budget $B --save-minutes 0 --out-dir $D/$MODE/sft_cont --overwrite; }
       for ARM in sft sft_cont $METHODS; do

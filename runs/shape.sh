@@ -13,16 +13,21 @@
 #        lr-sized whatever the gradient's scale, and at 3e-4 the first step alone moved the policy to a KL of
 #        0.2-0.95 from its start; in single-run probes 1e-4 was the one change that helped every run tried
 #        (docs/tiny_sudoku_rl_probes.md, section 9).
+#        The control trains at RL's lr too (CONT_LR): both arms continue the same converged model with the same
+#        Adam lr. At 3e-4 the control random-walked around the SFT model's score (-5.9 to +6.4 points across runs,
+#        mean +0.7); at 1e-4 it moves about as far on average (+0.5) with a quarter of the spread (docs/demo.md).
 #        The evaluation uses 2,048 puzzles: the margins are a few points, and on 512 one puzzle is 0.2 of them.
 # Sets LABELS (sft.py flags for SFT and the control), RL_SHAPE (diffu_grpo.py / methods.py flags every method takes)
-# and RL_PROMPT (the prompt-masking flag, which ESPO refuses: it never masks the prompt), and the
-# shape's defaults of SFT_N, SFT_STEPS, CONT_STEPS and EVAL_N where the caller left them unset.
+# and RL_PROMPT (the prompt-masking flag, which ESPO refuses: it never masks the prompt), and the shape's defaults
+# of SFT_N, SFT_STEPS, CONT_STEPS, CONT_LR (the control's lr) and EVAL_N where the caller left them unset.
 SHAPE=${SHAPE:-same}
 if [ "$SHAPE" = d1 ]; then  # 650 control steps: about RL's 40 rollout batches' wall-clock or more (docs/demo.md)
-  SFT_N=${SFT_N:-4000}; SFT_STEPS=${SFT_STEPS:-800}; CONT_STEPS=${CONT_STEPS:-650}; EVAL_N=${EVAL_N:-2048}
+  SFT_N=${SFT_N:-4000}; SFT_STEPS=${SFT_STEPS:-800}; CONT_STEPS=${CONT_STEPS:-650}; CONT_LR=${CONT_LR:-1e-4}
+  EVAL_N=${EVAL_N:-2048}
   LABELS="--blanks 1 1 --objective sft"; RL_SHAPE="--lr 1e-4"; RL_PROMPT="--p-mask-prompt 0"
 elif [ "$SHAPE" = same ]; then  # a fixed labelled set of 64; the control's 450 steps are about RL's wall-clock
-  SFT_N=${SFT_N:-64}; SFT_STEPS=${SFT_STEPS:-400}; CONT_STEPS=${CONT_STEPS:-450}; EVAL_N=${EVAL_N:-512}
+  SFT_N=${SFT_N:-64}; SFT_STEPS=${SFT_STEPS:-400}; CONT_STEPS=${CONT_STEPS:-450}; CONT_LR=${CONT_LR:-3e-4}
+  EVAL_N=${EVAL_N:-512}
   LABELS=""; RL_SHAPE=""; RL_PROMPT=""
 else
   echo "SHAPE=$SHAPE: choose same or d1" >&2; exit 2

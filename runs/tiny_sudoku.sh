@@ -58,7 +58,7 @@ t_rl=$((SECONDS - t0))
 
 echo "== 3. control: SFT continued on the same labelled set"
 t0=$SECONDS
-$PY sft.py --model $OUT/sft/final --task sudoku --train-n $SFT_N $LABELS --max-steps $CONT_STEPS --lr 3e-4 \
+$PY sft.py --model $OUT/sft/final --task sudoku --train-n $SFT_N $LABELS --max-steps $CONT_STEPS --lr $CONT_LR \
   --lr-schedule constant --warmup-steps 0 --eval-every 0 --no-keep-best --seed $((SEED + 1)) --out-dir $OUT/sft_cont \
   --overwrite
 t_cont=$((SECONDS - t0))
