@@ -14,8 +14,8 @@
 #        0.2-0.95 from its start; in single-run probes 1e-4 was the one change that helped every run tried
 #        (docs/tiny_sudoku_rl_probes.md, section 9).
 #        The control trains at RL's lr too (CONT_LR): both arms continue the same converged model with the same
-#        Adam lr. At 3e-4 the control random-walked around the SFT model's score (-5.9 to +6.4 points across runs,
-#        mean +0.7); at 1e-4 it moves about as far on average (+0.5) with a quarter of the spread (docs/demo.md).
+#        Adam lr. At 3e-4 the control random-walked around the SFT model's score (-5.9 to +6.4 points over 10 runs);
+#        at 1e-4 it moved -1.5 to +4.5 over 20, and RL beat it in 19 of those 20, not all (docs/demo.md).
 #        The evaluation uses 2,048 puzzles: the margins are a few points, and on 512 one puzzle is 0.2 of them.
 # Sets LABELS (sft.py flags for SFT and the control), RL_SHAPE (diffu_grpo.py / methods.py flags every method takes)
 # and RL_PROMPT (the prompt-masking flag, which ESPO refuses: it never masks the prompt), and the shape's defaults
