@@ -29,7 +29,8 @@ BUDGET_one=${BUDGET_ONE:-1}       # minutes of training per run (rollouts includ
 BUDGET_multi=${BUDGET_MULTI:-1}
 source runs/shape.sh              # SHAPE=same|d1: what the labels are; SFT_N, the labelled set (the SFT
                                   # model's own, and the control's); at d1's shape RL_SHAPE sets lr 1e-4 for
-                                  # every method (ARGS_<method> overrides it) and EVAL_N is 2,048
+                                  # every method (ARGS_<method> overrides it), CONT_LR the control's lr 1e-4
+                                  # (3e-4 at SHAPE=same) and EVAL_N is 2,048
 DECODE_one="--gen-length 40 --block-length 40 --steps 1"     # the tiny preset's one-step rollouts
 DECODE_multi="--gen-length 40 --block-length 8 --steps 20"   # d1's: 2 tokens a step, in blocks
 TASK="--task sudoku --prompt-style compact --blanks 3 6"     # for eval.py, which has no presets

@@ -18,6 +18,7 @@
 # Every stage is seeded (SEED), so a rerun on the same machine gives the same table. Another CPU rounds differently
 # and gives another table inside the spread that runs/tiny_sudoku_sweep.sh measures (README).
 # Environment knobs (the slow test and the sweep use them): OUT, SEED, SFT_N, SFT_STEPS, RL_BATCHES, CONT_STEPS,
+# CONT_LR (the control's lr: 3e-4; RL's 1e-4 at d1's shape),
 # EVAL_N (512; 2,048 at d1's shape), PORT, MODEL (tiny, or tiny-dream: the same recipe on the tiny Dream), and SHAPE
 # (runs/shape.sh: same, or d1 = labels only for one-blank puzzles, RL with the reward alone and the evaluation on
 # 3-6 blanks; docs/demo.md has its sweep).
