@@ -215,8 +215,7 @@ def score_rollouts(rows, texts, reward_fns, G, scale_rewards):
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     total, per_fn = torch.zeros(len(rows)), {}
     for fn, w in reward_fns:
-        vals = torch.tensor([0.0 if v is None else float(v)
-                             for v in fn([r["prompt"] for r in rows], texts, **columns)])
+        vals = torch.tensor([0.0 if v is None else float(v) for v in fn([r["prompt"] for r in rows], texts, **columns)])
         per_fn[fn.__name__] = vals.mean().item()
         total += w * vals
     return total, group_advantages(total, G, scale_rewards), per_fn
@@ -240,19 +239,27 @@ def estimates(model, obj, b, masks, cfg, rows):
 
 def old_and_ref(policy, obj, b, masks, cfg, autocast):
     """Stage 4: the estimates under the rollout policy (old) and the reference policy (ref) for every update's
-    masks, before any update: (mu, N, ...) each, or None where not needed (mu = 1: old = current exactly; beta = 0
-    or an objective without a ratio: no ref). Returns (old, ref, {phase: seconds})."""
+    masks, before any update: (mu, N, ...) each, or None where not needed (beta = 0 or an objective without a ratio:
+    no ref; mu = 1: old is update 0's own estimate). Returns (old, ref, {phase: seconds}, passes per completion).
+    Masks the same in every update (d1 with --p-mask-prompt 0) and no dropout give estimates the same in every
+    update: one ref pass serves all mu, and old is update 0's own estimate (updates()), as mu separate passes give."""
     mu, rows = cfg.num_iterations, cfg.logp_batch_size or cfg.micro_batch_size
+    noisy = any(isinstance(m, M.LoRALinear) and m.dropout > 0 for m in policy.model.modules())  # LoRA dropout
+    if not noisy and all(torch.equal(v, v[:1].expand_as(v)) for v in masks.values()):
+        masks = {k: v[:1] for k, v in masks.items()}
+    distinct = len(next(iter(masks.values())))  # mu, or 1 where the masks repeat
     t0 = time.perf_counter()
     with autocast, gathered(policy.model):  # --fsdp: gathered once for all of these passes (parallel.py)
-        old = estimates(policy.model, obj, b, masks, cfg, rows) if obj.ratio and mu > 1 else None
+        old = estimates(policy.model, obj, b, masks, cfg, rows) if obj.ratio and distinct > 1 else None
     t1 = time.perf_counter()
     ref = None
     if obj.ratio and cfg.beta > 0:
         with autocast, policy.ref_context(), gathered(policy.ref_model()):
             ref = estimates(policy.ref_model(), obj, b, masks, cfg, rows)
-        policy.ref_passes += mu  # counted in estimates of the batch (one per update), however they are batched
-    return old, ref, {"old_logps": t1 - t0, "ref_logps": time.perf_counter() - t1}
+        policy.ref_passes += distinct  # estimates of the batch (one per distinct masks), however they are batched
+        ref = ref.expand(mu, *ref.shape[1:])
+    passes = obj.passes(cfg) * distinct * ((old is not None) + (ref is not None))
+    return old, ref, {"old_logps": t1 - t0, "ref_logps": time.perf_counter() - t1}, passes
 
 
 def updates(tr, obj, b, masks, old, ref, cfg):
@@ -265,6 +272,7 @@ def updates(tr, obj, b, masks, old, ref, cfg):
     n = float(norm)  # for the metrics: one host sync per rollout batch, not per micro-batch
     tr.model.train()
     sums = dict.fromkeys(("loss", "kl", "clipped", "grad_norm"), 0.0)
+    first = []  # old is None: each micro-batch's estimate at update 0, before any step, IS the old estimate
     for j in range(mu):
         step_loss = 0.0  # update j's loss (what optimizer_step checks is finite)
         for i in range(0, N, cfg.micro_batch_size):
@@ -272,7 +280,8 @@ def updates(tr, obj, b, masks, old, ref, cfg):
             with tr.autocast:
                 est = obj.estimate(tr.model, b.prompt_ids[sl], b.prompt_attn[sl], b.completion[sl], b.cmask[sl],
                                    {k: v[j, sl] for k, v in masks.items()}, cfg)
-            old_j = est.detach() if old is None else old[j][sl]  # mu = 1: the ratio is exactly 1
+            first += [est.detach()] if old is None and j == 0 else []
+            old_j = first[i // cfg.micro_batch_size] if old is None else old[j][sl]  # update 0: the ratio is 1
             loss, st = obj.loss(est, old_j, None if ref is None else ref[j][sl], coef[sl], b.cmask[sl], cfg)
             (loss / norm).backward()
             step_loss += loss.item() / n
@@ -290,12 +299,11 @@ def learn(policy, tr, obj, b, cfg, gen):
     #    update j, its old and its ref estimates all use masks j.
     masks = obj.draw(gen, cfg.num_iterations, b.prompt_attn, b.cmask, cfg)
     # 4. old and ref estimates (mu, N, ...) each, before the weights move (None where they are not needed).
-    old, ref, timings = old_and_ref(policy, obj, b, masks, cfg, tr.autocast)
+    old, ref, timings, passes = old_and_ref(policy, obj, b, masks, cfg, tr.autocast)
     # 5. mu optimizer steps on the objective's loss (d1: the clipped surrogate + beta * KL).
     t0 = time.perf_counter()
     sums = updates(tr, obj, b, masks, old, ref, cfg)
-    passes = obj.passes(cfg) * cfg.num_iterations * (1 + (old is not None) + (ref is not None))
-    return sums, {**timings, "update": time.perf_counter() - t0}, passes
+    return sums, {**timings, "update": time.perf_counter() - t0}, passes + obj.passes(cfg) * cfg.num_iterations
 
 
 def rl_step(policy, tr, batch_rows, tok, cfg, gens, obj=None):
@@ -385,8 +393,7 @@ def train(cfg, presets, obj):
         if run.end_step(step, {"batch": b + 1, **metrics}, shown, lines):
             break
     if cfg.beta > 0 and obj.ratio:
-        print0(f"reference policy: {policy.ref_passes} estimates (one per inner update, each a forward pass over "
-               f"the rank's rollouts)")
+        print0(f"reference policy: {policy.ref_passes} estimates (each a forward pass over the rank's rollouts)")
     run.finish(hints=next_commands(cfg, "rl"))
     return policy
 
@@ -463,14 +470,12 @@ def rl_metrics(total, per_fn, sums, completion, cmask, n_cut, G, eos_id, sched, 
 class GRPOConfig(config.TrainerConfig):
     # Inherited from config.TrainerConfig, the same in both trainers: model, preset, adapter, dtype, device,
     # grad_ckpt, force, data_path, prompt_style, train_n, save_every, resume, halt_after, export, no_export.
-    lora_r: int = option(128, "LoRA rank; 0 = full fine-tuning, with a frozen copy of the start as the reference",
-                         "model")
+    lora_r: int = option(128, "LoRA rank; 0 = full fine-tuning, a frozen copy of the start the reference", "model")
     lora_alpha: float = shared("lora_alpha", 64.0)
     lora_dropout: float = shared("lora_dropout", 0.05)
     lora_targets: str = shared("lora_targets", "d1")
 
-    task: str = option("sudoku", "the task: its training prompts and d1's reward functions", "data",
-                       choices=sorted(REWARDS))
+    task: str = option("sudoku", "the task: its training prompts and d1's rewards", "data", choices=sorted(REWARDS))
     data_seed: int = option(None, "seed of the generated training set (Sudoku, Countdown; default: --seed); "
                             "another value than SFT's trains RL on puzzles SFT never saw", "data", type=int)
     blanks: tuple = shared("blanks", BLANKS)
@@ -490,10 +495,8 @@ class GRPOConfig(config.TrainerConfig):
     num_iterations: int = option(8, "mu: inner updates (optimizer steps) per rollout batch", "d1's algorithm")
     beta: float = option(0.04, "KL coefficient (0 = no reference passes at all)", "d1's algorithm")
     epsilon: float = option(0.5, "ratio clipping range", "d1's algorithm")
-    p_mask_prompt: float = option(0.15, "probability of masking each prompt token, per inner update",
-                                  "d1's algorithm")
-    scale_rewards: bool = option(False, "divide advantages by the group std (TRL's default; d1: off)",
-                                 "d1's algorithm")
+    p_mask_prompt: float = option(0.15, "probability of masking each prompt token, per inner update", "d1's algorithm")
+    scale_rewards: bool = option(False, "divide advantages by the group std (TRL's default; d1: off)", "d1's algorithm")
     reward_weights: tuple = option(None, "one weight per reward function of the task (d1: all 1)", "d1's algorithm",
                                    type=float, nargs="+")
     max_prompt_length: int = option(None, "keep only the last N prompt tokens (d1: 200, TRL's left truncation); "
@@ -506,8 +509,7 @@ class GRPOConfig(config.TrainerConfig):
     adam_betas: tuple = shared("adam_betas", (0.9, 0.99))
     weight_decay: float = shared("weight_decay", 0.1)
     max_grad_norm: float = shared("max_grad_norm", 0.2)
-    max_steps: int = option(3800, "optimizer steps in all, mu per rollout batch (d1's reported checkpoints)",
-                            "optimisation")
+    max_steps: int = option(3800, "optimizer steps in all, mu per rollout batch (d1's checkpoints)", "optimisation")
     micro_batch_size: int = option(6, "completions per forward pass in the update passes", "optimisation")
     seed: int = shared("seed", 0)
 
@@ -553,8 +555,6 @@ class GRPOConfig(config.TrainerConfig):
         check_sampling(self.gen_length, self.block_length, self.steps, self.temperature, self.cfg_scale,
                        self.remasking, self.threshold)
         return replace(self, max_steps=-(-self.max_steps // mu) * mu)
-
-
 
 
 # d1's per-task values (train.yaml; max_steps: the optimizer step of the checkpoint d1 reports, rounded up to whole

@@ -1,3 +1,5 @@
+import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -172,6 +174,42 @@ def test_mu_one_has_ratio_exactly_one_and_beta_zero_makes_no_reference_pass(tiny
     tiny2 = M.LLaDA(tiny.cfg).init_weights(torch.Generator().manual_seed(0)).eval()
     rec, policy, metrics, _ = run_one_batch(tiny2, tok, mu=2, beta=0.0)
     assert policy.ref_passes == 0 and len(rec.calls) == 4 and all(on for _, on in rec.calls)
+
+
+def test_repeated_masks_make_one_reference_pass_and_no_old_pass_and_give_the_same_weights(tiny):
+    """--p-mask-prompt 0 draws the same (empty) prompt mask for every update, so every update's estimates are equal
+    before the first step: one reference pass must serve all mu updates and old must be update 0's own estimate,
+    and the weights must end bit for bit where mu separate old and reference passes take them."""
+    mu = 3
+    args = D.get_args(TINY_RL + ["--num-iterations", str(mu), "--beta", "0.04", "--p-mask-prompt", "0",
+                                 "--micro-batch-size", "3"])  # the old passes batch rows as the updates do
+    M.apply_lora(tiny, 4, 8, generator=torch.Generator().manual_seed(0))
+    prompt, attn, completion, _ = toy_rollouts(2, 1, padded_row=0, pad=2)
+    b = D.Rollouts(prompt, attn, completion, torch.tensor([1.0, -0.5, -0.5]), torch.ones(completion.shape))
+    masks = D.D1.draw(torch.Generator().manual_seed(0), mu, attn, b.cmask, args)  # (mu, 3, 9), all False
+    start, ends = [p.detach().clone() for p in tiny.parameters() if p.requires_grad], []
+    for separate in (True, False):
+        model = copy.deepcopy(tiny).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        tr = Trainer(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params)
+        policy = D.Policy(model)
+        if separate:  # mu passes each, as for masks that differ
+            old = D.estimates(model, D.D1, b, masks, args, 3)
+            with policy.ref_context():
+                ref = D.estimates(model, D.D1, b, masks, args, 3)
+        else:
+            old, ref, _, passes = D.old_and_ref(policy, D.D1, b, masks, args, contextlib.nullcontext())
+            assert old is None and passes == 1 and policy.ref_passes == 1 and ref.shape == (mu, 3, 6)
+        D.updates(tr, D.D1, b, masks, old, ref, args)
+        assert opt.state[params[0]]["step"].item() == mu
+        ends.append([p.detach().clone() for p in params])
+    assert all(torch.equal(x, y) for x, y in zip(*ends)) and not all(torch.equal(x, y) for x, y in zip(start, ends[0]))
+    for m in tiny.modules():  # LoRA dropout: an update's estimate is noisy, so old and ref get their mu passes again
+        if isinstance(m, M.LoRALinear):
+            m.dropout = 0.05
+    old, ref, _, passes = D.old_and_ref(D.Policy(tiny), D.D1, b, masks, args, contextlib.nullcontext())
+    assert old.shape == ref.shape == (mu, 3, 6) and passes == 2 * mu
 
 
 def test_ratio_is_one_and_loss_is_minus_mean_advantage_at_the_first_inner_update(tiny, tok, monkeypatch):
