@@ -17,17 +17,20 @@
 #        Adam lr. At 3e-4 the control random-walked around the SFT model's score (-5.9 to +6.4 points over 10 runs);
 #        at 1e-4 it moved -1.5 to +4.5 over 20, and RL beat it in 19 of those 20, not all (docs/demo.md).
 #        The evaluation uses 2,048 puzzles: the margins are a few points, and on 512 one puzzle is 0.2 of them.
+#        RL runs 60 rollout batches, not 40: with the prompt unmasked every inner update sees the same input, so
+#        diffu_grpo.py takes one reference pass per batch and no old pass (the same numbers), and 60 batches take
+#        about the wall-clock 40 took without that, under the control's 650 steps (docs/demo.md).
 # Sets LABELS (sft.py flags for SFT and the control), RL_SHAPE (diffu_grpo.py / methods.py flags every method takes)
 # and RL_PROMPT (the prompt-masking flag, which ESPO refuses: it never masks the prompt), and the shape's defaults
-# of SFT_N, SFT_STEPS, CONT_STEPS, CONT_LR (the control's lr) and EVAL_N where the caller left them unset.
+# of SFT_N, SFT_STEPS, RL_BATCHES, CONT_STEPS, CONT_LR (the control's lr) and EVAL_N where the caller left them unset.
 SHAPE=${SHAPE:-same}
-if [ "$SHAPE" = d1 ]; then  # 650 control steps: about RL's 40 rollout batches' wall-clock or more (docs/demo.md)
+if [ "$SHAPE" = d1 ]; then  # 650 control steps: RL's 60 rollout batches' wall-clock or more (docs/demo.md)
   SFT_N=${SFT_N:-4000}; SFT_STEPS=${SFT_STEPS:-800}; CONT_STEPS=${CONT_STEPS:-650}; CONT_LR=${CONT_LR:-1e-4}
-  EVAL_N=${EVAL_N:-2048}
+  EVAL_N=${EVAL_N:-2048}; RL_BATCHES=${RL_BATCHES:-60}
   LABELS="--blanks 1 1 --objective sft"; RL_SHAPE="--lr 1e-4"; RL_PROMPT="--p-mask-prompt 0"
 elif [ "$SHAPE" = same ]; then  # a fixed labelled set of 64; the control's 450 steps are about RL's wall-clock
   SFT_N=${SFT_N:-64}; SFT_STEPS=${SFT_STEPS:-400}; CONT_STEPS=${CONT_STEPS:-450}; CONT_LR=${CONT_LR:-3e-4}
-  EVAL_N=${EVAL_N:-512}
+  EVAL_N=${EVAL_N:-512}; RL_BATCHES=${RL_BATCHES:-40}
   LABELS=""; RL_SHAPE=""; RL_PROMPT=""
 else
   echo "SHAPE=$SHAPE: choose same or d1" >&2; exit 2

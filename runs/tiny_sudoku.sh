@@ -36,7 +36,7 @@ OUT=${OUT:-out/tiny_sudoku}
 SEED=${SEED:-0}
 MODEL=${MODEL:-tiny}
 source runs/shape.sh           # SHAPE=same (default) or d1: what the labels are (runs/shape.sh)
-RL_BATCHES=${RL_BATCHES:-40}   # rollout batches of 2 ranks x 8 prompts x G=8, each used for mu = 2 optimizer steps
+# RL_BATCHES (40; 60 at d1's shape): rollout batches of 2 ranks x 8 prompts x G=8, each used for mu = 2 optimizer steps
 PY=${PYTHON:-python3}
 mkdir -p $OUT
 # The compact prompt is 46 tokens and the answer "<answer>DDDDDDDDDDDDDDDD</answer>" 33, so SFT's canvas is
