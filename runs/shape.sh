@@ -19,12 +19,13 @@
 #        The evaluation uses 2,048 puzzles: the margins are a few points, and on 512 one puzzle is 0.2 of them.
 #        RL runs 60 rollout batches, not 40: with the prompt unmasked every inner update sees the same input, so
 #        diffu_grpo.py takes one reference pass per batch and no old pass (the same numbers), and 60 batches take
-#        about the wall-clock 40 took without that, under the control's 650 steps (docs/demo.md).
+#        about the wall-clock 40 took without that: under the control's 650 steps in 9 of 10 sweep runs, over it
+#        by 10 s in one whose batches ran slow (docs/demo.md; a margin for the control is still to be set).
 # Sets LABELS (sft.py flags for SFT and the control), RL_SHAPE (diffu_grpo.py / methods.py flags every method takes)
 # and RL_PROMPT (the prompt-masking flag, which ESPO refuses: it never masks the prompt), and the shape's defaults
 # of SFT_N, SFT_STEPS, RL_BATCHES, CONT_STEPS, CONT_LR (the control's lr) and EVAL_N where the caller left them unset.
 SHAPE=${SHAPE:-same}
-if [ "$SHAPE" = d1 ]; then  # 650 control steps: RL's 60 rollout batches' wall-clock or more (docs/demo.md)
+if [ "$SHAPE" = d1 ]; then  # 650 control steps: about RL's 60 rollout batches' wall-clock (docs/demo.md)
   SFT_N=${SFT_N:-4000}; SFT_STEPS=${SFT_STEPS:-800}; CONT_STEPS=${CONT_STEPS:-650}; CONT_LR=${CONT_LR:-1e-4}
   EVAL_N=${EVAL_N:-2048}; RL_BATCHES=${RL_BATCHES:-60}
   LABELS="--blanks 1 1 --objective sft"; RL_SHAPE="--lr 1e-4"; RL_PROMPT="--p-mask-prompt 0"
